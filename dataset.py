@@ -1,0 +1,284 @@
+"""Labels file + images -> tensors, and the image transforms.
+
+The labels file has one image per line: `image_name v1 v2 ... vK`, values 1 / 0 / NA.
+An optional header line names the attributes. NA becomes -1 in the target tensor: the row
+is kept and only that cell is ignored by the loss and the metrics.
+"""
+import os
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NA = -1
+# A declared size above this is refused before decoding: a small file can claim gigapixels
+# (a decompression bomb). PIL's own default limit, made a hard error instead of a warning.
+MAX_IMAGE_PIXELS = 89_478_485
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# Truncated JPEGs must fail loudly, never decode into half-grey pictures.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class UserError(Exception):
+    """An error the user can fix (bad file, bad option). Scripts print it as one `error:` line."""
+
+
+class Report:
+    """Collects warnings (printed as they happen, counted by reason); under strict the first one is an error."""
+
+    def __init__(self, strict=False, stream=None):
+        self.strict = strict
+        self.stream = stream
+        self.counts = Counter()
+
+    def warn(self, reason, message, fatal=True):
+        """fatal=False for problems of our own making (a damaged cache), which --strict does not stop on."""
+        if self.strict and fatal:
+            raise UserError(f"{message} (--strict turns warnings into errors)")
+        self.counts[reason] += 1
+        print(f"warning: {message}", file=self.stream or sys.stderr)
+
+    @property
+    def total(self):
+        return sum(self.counts.values())
+
+
+@dataclass
+class LabelTable:
+    path: str
+    attributes: list
+    names: list = field(default_factory=list)  # image names, in file order
+    targets: list = field(default_factory=list)  # one list of K ints (1, 0, NA) per image
+    lines: list = field(default_factory=list)  # line number of each row, for messages
+
+
+def _cell_value(cell):
+    low = cell.lower()
+    if low == "1":
+        return 1
+    if low == "0":
+        return 0
+    if low == "na":
+        return NA
+    return None
+
+
+def parse_labels(path, report=None):
+    """Read a labels file into a LabelTable; problems go to `report` (see the module docstring)."""
+    report = report or Report()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: labels file not found (give its path with --labels)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the labels file ({e.strerror})") from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # a BOM, as spreadsheets write it
+        raw = raw[3:]
+
+    content = []  # (line number, fields)
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            report.warn("not UTF-8", f"{path}:{number}: line is not UTF-8 text, skipped (save the file as UTF-8)")
+            continue
+        text = text.strip()
+        if not text or text.startswith("#"):
+            continue
+        content.append((number, text.split()))
+    if not content:
+        raise UserError(f"{path}: no labels in the file (expected lines like `img.jpg 1 0 NA 1`)")
+
+    first_number, first = content[0]
+    header = len(first) > 1 and all(_cell_value(c) is None for c in first[1:])
+    if header:
+        attributes = first[1:]
+        if len(set(attributes)) != len(attributes):
+            raise UserError(f"{path}:{first_number}: the header repeats an attribute name; make the names unique")
+        content = content[1:]
+    else:
+        # K is what most lines say, so one broken line cannot redefine the file.
+        counts = Counter(len(fields) for _, fields in content if len(fields) > 1)
+        if not counts:
+            raise UserError(f"{path}: no line has attribute values (expected lines like `img.jpg 1 0 NA 1`)")
+        attributes = [f"Attr{i + 1}" for i in range(max(counts, key=lambda n: (counts[n], n)) - 1)]
+
+    table = LabelTable(path=path, attributes=attributes)
+    seen = {}
+    k = len(attributes)
+    for number, fields in content:
+        if len(fields) != k + 1:
+            report.warn("wrong field count",
+                        f"{path}:{number}: expected an image name and {k} values, found {len(fields)} fields; line skipped")
+            continue
+        name, cells = fields[0], fields[1:]
+        if name in seen:
+            report.warn("duplicate image",
+                        f"{path}:{number}: {name} already listed on line {seen[name]}; the first is kept")
+            continue
+        values = []
+        for attribute, cell in zip(attributes, cells):
+            value = _cell_value(cell)
+            if value is None:
+                report.warn("bad value",
+                            f"{path}:{number}: {attribute} value {cell!r} is not 1, 0 or NA; treated as NA")
+                value = NA
+            values.append(value)
+        seen[name] = number
+        table.names.append(name)
+        table.targets.append(values)
+        table.lines.append(number)
+    return table
+
+
+def drop_missing_images(table, images_dir, report):
+    """Keep the rows whose image file exists; return the table of those rows."""
+    kept = LabelTable(path=table.path, attributes=table.attributes)
+    for name, values, number in zip(table.names, table.targets, table.lines):
+        if not os.path.isfile(os.path.join(images_dir, name)):
+            report.warn("image not found", f"{table.path}:{number}: {os.path.join(images_dir, name)} not found; skipped")
+            continue
+        kept.names.append(name)
+        kept.targets.append(values)
+        kept.lines.append(number)
+    return kept
+
+
+def label_counts(targets):
+    """Per-attribute positive, negative and NA counts of an (N, K) target tensor with NA = -1."""
+    return {
+        "positive": (targets == 1).sum(0).tolist(),
+        "negative": (targets == 0).sum(0).tolist(),
+        "na": (targets == NA).sum(0).tolist(),
+    }
+
+
+def format_counts(attributes, counts):
+    rows = [f"{'attribute':<12} {'positive':>8} {'negative':>8} {'NA':>6}"]
+    for i, name in enumerate(attributes):
+        rows.append(f"{name:<12} {counts['positive'][i]:>8} {counts['negative'][i]:>8} {counts['na'][i]:>6}")
+    return "\n".join(rows)
+
+
+def load_image(path):
+    """Open any image file as an upright RGB PIL image; raises UserError naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise UserError(f"{path}: image declares {im.width}x{im.height} pixels, more than "
+                                    f"{MAX_IMAGE_PIXELS}; refused as a possible decompression bomb (resize it)")
+                im = ImageOps.exif_transpose(im)
+                im.load()
+                return _to_rgb(im)
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{path}: image not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"{path}: image too large; refused as a possible decompression bomb (resize it)") from None
+    except Exception as e:  # PIL raises many types for broken files; every one is the file's fault
+        reason = "empty file" if os.path.exists(path) and os.path.getsize(path) == 0 else f"{type(e).__name__}: {e}"
+        raise UserError(f"{path}: cannot read image ({reason}); replace or remove the file") from None
+
+
+def _to_rgb(im):
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # High bit-depth greyscale: PIL's own convert clips at 255 and turns it white; scale instead.
+        a = np.asarray(im, dtype=np.float32)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Transparent pixels become white, the usual background of product photos.
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    return im.convert("RGB")
+
+
+def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The one preprocessing used for validation, evaluation and inference."""
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size)),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def train_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment="flip"):
+    if augment == "flip":
+        # The flip comes after the resize so that it equals torch.flip of the eval tensor exactly:
+        # the feature cache relies on that.
+        return transforms.Compose([
+            transforms.Resize((image_size, image_size)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ])
+    if augment == "strong":
+        return transforms.Compose([
+            transforms.RandomResizedCrop(image_size, scale=(0.6, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(0.3, 0.3, 0.3, 0.02),
+            transforms.RandomRotation(10, fill=255),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ])
+    raise UserError(f"unknown augment {augment!r}; use flip or strong")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images with (N, K) targets. An image that fails to decode yields None; the collate drops it."""
+
+    def __init__(self, paths, targets, transform):
+        self.paths = list(paths)
+        self.targets = targets
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            image = self.transform(load_image(self.paths[index]))
+        except UserError as e:
+            return index, None, str(e)
+        return index, image, None
+
+
+def collate(batch):
+    """Stack the good samples; return (indices, images, errors) where errors lists (index, message)."""
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    errors = [(i, message) for i, _, message in batch if message is not None]
+    if not good:
+        return torch.empty(0, dtype=torch.long), None, errors
+    indices = torch.tensor([i for i, _ in good])
+    return indices, torch.stack([x for _, x in good]), errors
+
+
+def list_images(folder):
+    found = []
+    for root, _, files in os.walk(folder):
+        found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def load_dataset(labels_path, images_dir, report):
+    """Parse the labels file and drop rows without an image; returns (table, paths, targets tensor)."""
+    if not os.path.isdir(images_dir):
+        raise UserError(f"{images_dir}: images folder not found (give it with --images)")
+    table = drop_missing_images(parse_labels(labels_path, report), images_dir, report)
+    if not table.names:
+        raise UserError(f"{labels_path}: no usable row (every line was skipped or no listed image exists in {images_dir})")
+    paths = [os.path.join(images_dir, n) for n in table.names]
+    return table, paths, torch.tensor(table.targets, dtype=torch.long)

