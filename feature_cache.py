@@ -134,6 +134,7 @@ def extract(model, paths, image_size, mean, std, batch_size, num_workers, device
     """Yield (indices, features (b, 2, D), errors) over paths: view 0 as is, view 1 mirrored."""
     dataset = ImageDataset(paths, None, eval_transform(image_size, mean, std))
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, device=device)
+    model.eval()  # the backbone's BatchNorm must use, never update, its running statistics
     backbone = model.backbone.to(memory_format=torch.channels_last)
     with torch.inference_mode():
         for indices, images, errors in loader:

@@ -63,6 +63,7 @@ class AttributeClassifier(nn.Module):
         self.head = nn.Linear(feature_dim, num_attributes)
         # Names, not modules: a module stored twice would appear twice in the state dict.
         self.trainable = list(trainable)
+        self.train()  # a new module is in training mode throughout; put the frozen parts in eval at once
 
     def forward(self, x):
         return self.head(self.backbone(x))
