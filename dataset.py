@@ -38,12 +38,14 @@ class Report:
         self.strict = strict
         self.stream = stream
         self.counts = Counter()
+        self.messages = []  # kept for the run's summary file: warnings scroll away on a big data set
 
     def warn(self, reason, message, fatal=True):
         """fatal=False for problems of our own making (a damaged cache), which --strict does not stop on."""
         if self.strict and fatal:
             raise UserError(f"{message} (--strict turns warnings into errors)")
         self.counts[reason] += 1
+        self.messages.append(message)
         print(f"warning: {message}", file=self.stream or sys.stderr)
 
     @property
@@ -169,8 +171,11 @@ def format_counts(attributes, counts):
     return "\n".join(rows)
 
 
-def load_image(path):
-    """Open any image file as an upright RGB PIL image; raises UserError naming the file."""
+def load_image(path, decode=True):
+    """Open any image file as an upright RGB PIL image; raises UserError naming the file.
+
+    decode=False only reads the header (cheap): it catches empty, non-image and oversized files,
+    not a truncated one."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -178,6 +183,8 @@ def load_image(path):
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise UserError(f"{path}: image declares {im.width}x{im.height} pixels, more than "
                                     f"{MAX_IMAGE_PIXELS}; refused as a possible decompression bomb (resize it)")
+                if not decode:
+                    return None
                 im = ImageOps.exif_transpose(im)
                 im.load()
                 return _to_rgb(im)

@@ -23,7 +23,7 @@ import torch
 
 from data_loader import make_loader, seed_everything, split_indices
 from dataset import (IMAGENET_MEAN, IMAGENET_STD, ImageDataset, Report, UserError, format_counts, label_counts,
-                     load_dataset, train_transform, eval_transform)
+                     load_dataset, load_image, train_transform, eval_transform)
 from loss import LOSSES, make_loss, pos_weights
 from metrics import attribute_metrics, format_table, to_json, tune_threshold, precision_recall_curve
 from model import BACKBONES, CHECKPOINT_FORMAT, amp_context, build_model, load_checkpoint, pick_device
@@ -237,14 +237,15 @@ def train_one_epoch_cached(model, features, rows, train_idx, targets, loss_fn, o
     return losses, len(order)
 
 
-def train_one_epoch_full(model, loader, targets, loss_fn, optimizer, scheduler, args, epoch, device, stop, failed):
+def train_one_epoch_full(model, loader, targets, loss_fn, optimizer, scheduler, args, epoch, device, stop, failed,
+                         report):
     """The usual loop: backbone forward every step (unfrozen block or strong augmentation)."""
     loader.generator.manual_seed(args.seed * 100_003 + epoch)
     model.train()
     losses, seen = [], 0
     bar = Progress(len(loader.dataset), f"epoch {epoch + 1}")
     for indices, images, errors in loader:
-        note_failures(errors, loader.dataset, failed)
+        note_failures(errors, loader.dataset, failed, report)
         if images is not None:
             x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with amp_context(device, args.amp):
@@ -268,12 +269,25 @@ def step(head, x, y, loss_fn, optimizer, scheduler):
     return loss.item()
 
 
-def note_failures(errors, dataset, failed):
+def readable_images(paths, report):
+    """Header check of every image before the full loop starts; a truncated file is still caught later."""
+    ok = np.ones(len(paths), dtype=bool)
+    for i, path in enumerate(paths):
+        try:
+            load_image(path, decode=False)
+        except UserError as e:
+            report.warn("unreadable image", f"{e}; skipped")
+            ok[i] = False
+    return ok
+
+
+def note_failures(errors, dataset, failed, report):
+    """Images that failed to decode inside the loader (a truncated file): warned about once, then skipped."""
     for i, message in errors:
         name = dataset.paths[i]
         if name not in failed:
             failed[name] = message
-            print(f"warning: {message}; skipped", file=sys.stderr)
+            report.warn("unreadable image", f"{message}; skipped")
 
 
 class Subset(ImageDataset):
@@ -286,7 +300,7 @@ class Subset(ImageDataset):
 
 @torch.inference_mode()
 def evaluate(model, val_idx, targets, loss_fn, features=None, rows=None, loader=None, device=None, amp=False,
-             failed=None):
+             failed=None, report=None):
     """Validation probabilities (n_val, K) and mean loss; cached features use the unflipped view."""
     model.eval()
     if features is not None:
@@ -296,7 +310,7 @@ def evaluate(model, val_idx, targets, loss_fn, features=None, rows=None, loader=
     else:
         parts, kept = [], []
         for indices, images, errors in loader:
-            note_failures(errors, loader.dataset, failed)
+            note_failures(errors, loader.dataset, failed, report)
             if images is None:
                 continue
             with amp_context(device, amp):
@@ -475,6 +489,8 @@ def run(args):
             train_idx, val_idx = train_idx[ok[train_idx]], val_idx[ok[val_idx]]
             steps_per_epoch = math.ceil(len(train_idx) / args.batch_size)
         else:
+            ok = readable_images(paths, report)
+            train_idx, val_idx = train_idx[ok[train_idx]], val_idx[ok[val_idx]]
             transform = train_transform(args.image_size, augment=args.augment)
             train_loader = make_loader(Subset(paths, train_idx, transform), args.batch_size, True, args.num_workers,
                                        args.seed, device)
@@ -503,7 +519,7 @@ def run(args):
                                                       scheduler, args, epoch, stop)
             else:
                 losses, seen = train_one_epoch_full(model, train_loader, targets, loss_fn, optimizer, scheduler, args,
-                                                    epoch, device, stop, failed)
+                                                    epoch, device, stop, failed, report)
             state["losses"] += losses
             if stop.requested:
                 break
@@ -514,7 +530,7 @@ def run(args):
                     scores, val_loss, kept = evaluate(model, val_idx, targets, loss_fn, features, rows)
                 else:
                     scores, val_loss, kept = evaluate(model, val_idx, targets, loss_fn, loader=val_loader,
-                                                      device=device, amp=args.amp, failed=failed)
+                                                      device=device, amp=args.amp, failed=failed, report=report)
                 y = targets[kept].numpy()
                 thresholds, notes = tuned_thresholds(scores, y, attributes)
                 result = attribute_metrics(scores, y, [0.5] * len(attributes), attributes)
@@ -525,7 +541,7 @@ def run(args):
             line = f"epoch {epoch + 1:>3}/{args.epochs}  train_loss {record['train_loss']:.4f}"
             if len(val_idx):
                 line += f"  val_loss {record['val_loss']:.4f}  mAP {record['map']:.4f}  macroF1@0.5 {record['macro_f1']:.4f}"
-            log(f"{line}  time {elapsed:.1f}s  {seen / max(elapsed, 1e-9):.0f} img/s{'  *best' if improved else ''}")
+            log(f"{line}  time {elapsed:.2f}s  {seen / max(elapsed, 1e-9):.0f} img/s{'  *best' if improved else ''}")
             state["history"].append(record)
             state["epoch"] = epoch + 1
             if improved:
@@ -547,24 +563,31 @@ def run(args):
     finally:
         stop.restore()
 
+    if best is None and len(val_idx) and state["best_epoch"] > 0:
+        # The best epoch came before a --resume: its scores are not in memory, so score the saved best model.
+        model.load_state_dict(torch.load(outputs["best"], map_location=device, weights_only=True)["model"])
+        if cached:
+            scores, _, kept = evaluate(model, val_idx, targets, loss_fn, features, rows)
+        else:
+            scores, _, kept = evaluate(model, val_idx, targets, loss_fn, loader=val_loader, device=device,
+                                       amp=args.amp, failed=failed, report=report)
+        y = targets[kept].numpy()
+        best = (scores, y, *tuned_thresholds(scores, y, attributes))
     save_figure(loss_curve_figure(state["losses"]), outputs["curve"])
     log(f"wrote {outputs['curve']} ({len(state['losses'])} steps)")
     if state["best_epoch"] < 0:
         log(f"interrupted before the first epoch ended: no checkpoint written")
         return 130
     log(f"wrote {outputs['best']} (epoch {state['best_epoch']}) and {outputs['last']}")
-    finish_metrics(args, outputs, state, best, attributes, table, val_idx, targets, report, failed)
+    finish_metrics(args, outputs, state, best, attributes, table, val_idx, targets, report)
     if stop.requested:
         log("interrupted: outputs so far are written; continue with --resume " + outputs["last"])
         return 130
     return 0
 
 
-def finish_metrics(args, outputs, state, best, attributes, table, val_idx, targets, report, failed):
+def finish_metrics(args, outputs, state, best, attributes, table, val_idx, targets, report):
     summary = {"best_epoch": state["best_epoch"], "history": state["history"]}
-    if best is None and len(val_idx):
-        # Resumed after the best epoch: report the stored best model's numbers from its checkpoint.
-        log("validation table: the best epoch was before the resume; run evaluate.py on val_labels.txt for it")
     if best is not None:
         scores, y, thresholds, notes = best
         tuned = attribute_metrics(scores, y, thresholds, attributes)
@@ -580,14 +603,11 @@ def finish_metrics(args, outputs, state, best, attributes, table, val_idx, targe
         write_val_labels(outputs["val_labels"], attributes, [table.names[i] for i in val_idx], targets[val_idx])
         log(f"wrote {outputs['val_labels']} (check with: python evaluate.py --labels {outputs['val_labels']} "
             f"--images {args.images} --model {outputs['best']})")
-    summary["warnings"] = dict(report.counts)
-    summary["unreadable_images"] = failed
+    summary["warnings"] = {"counts": dict(report.counts), "messages": report.messages}
     atomic_write(outputs["metrics"], lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1) + "\n"))
     log(f"wrote {outputs['metrics']}")
-    total = report.total + len(failed)
-    if total:
-        log(f"warnings: {total} ({', '.join(f'{n} {r}' for r, n in report.counts.items())}"
-            f"{', ' if report.counts and failed else ''}{f'{len(failed)} unreadable image' if failed else ''})")
+    if report.total:
+        log(f"warnings: {report.total} ({', '.join(f'{n} {r}' for r, n in report.counts.items())})")
 
 
 def cached_features_for(model, paths, args, device, report, stop):

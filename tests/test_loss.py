@@ -126,7 +126,7 @@ def test_focal_hand_computed():
     loss_fn = MaskedFocal(torch.tensor([2.0, 3.0, 5.0]), gamma=2.0, alpha=0.25)
     loss = loss_fn(torch.tensor([[1.0, 0.5, 9.0]]), torch.tensor([[1, 0, -1]]))
     # pos x=1, pw=2: p = sigmoid(1) = 0.731059; -0.25 * 2 * (1 - p)^2 * log p = 0.5 * 0.072329 * 0.313262 = 0.011329
-    # neg x=0.5:     p = sigmoid(0.5) = 0.622459; -0.75 * p^2 * log(1 - p) = 0.75 * 0.387455 * 0.974077 = 0.283059
+    # neg x=0.5:     p = sigmoid(0.5) = 0.622459; -0.75 * p^2 * log(1 - p) = 0.75 * 0.387456 * 0.974077 = 0.283059
     # NA x=9 skipped; mean over 2 known cells = 0.147194
     p1, p2 = sigmoid(1.0), sigmoid(0.5)
     pos = -0.25 * 2.0 * (1 - p1) ** 2 * math.log(p1)
@@ -154,9 +154,9 @@ def test_asymmetric_hand_computed():
     loss_fn = MaskedAsymmetric(torch.tensor([2.0, 3.0, 5.0, 1.0]), gamma_neg=4.0, gamma_pos=1.0, clip=0.05)
     loss = loss_fn(torch.tensor([[0.5, 1.0, -3.0, 4.0]]), torch.tensor([[1, 0, 0, -1]]))
     # pos x=0.5, pw=2: p = 0.622459; -2 * (1 - p)^1 * log p = 2 * 0.377541 * 0.474077 = 0.357967
-    # neg x=1:   p = 0.731059, p_m = 0.681059; -(p_m^4) * log(1 - p_m) = 0.215150 * 1.142760 = 0.245860
+    # neg x=1:   p = 0.731059, p_m = 0.681059; -(p_m^4) * log(1 - p_m) = 0.215148 * 1.142748 = 0.245860
     # neg x=-3:  p = 0.047426 < clip 0.05 -> p_m = 0 -> exactly 0
-    # NA x=4 skipped; mean over 3 known cells = 0.603827 / 3 = 0.201276
+    # NA x=4 skipped; mean over 3 known cells = (0.357967 + 0.245860 + 0) / 3 = 0.201276
     p_pos, p_neg = sigmoid(0.5), sigmoid(1.0)
     pos = -2.0 * (1 - p_pos) * math.log(p_pos)
     p_m = p_neg - 0.05
@@ -164,6 +164,7 @@ def test_asymmetric_hand_computed():
     assert pos == pytest.approx(0.357967, abs=1e-6)
     assert neg == pytest.approx(0.245860, abs=1e-6)
     assert loss.item() == pytest.approx((pos + neg + 0.0) / 3, rel=1e-5)
+    assert loss.item() == pytest.approx(0.201276, abs=1e-6)
 
 
 def test_asymmetric_easy_negative_contributes_exactly_zero():

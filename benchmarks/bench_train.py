@@ -1,0 +1,397 @@
+"""Training speed: the project's cached-feature path against the usual loop, on one generated set, in one process.
+
+    python benchmarks/bench_train.py                      # 300 images, 10 epochs, resnet50, --weights none
+    python benchmarks/bench_train.py --usual-epochs 3     # the usual loop for 3 epochs, extrapolated (labelled)
+    python benchmarks/bench_train.py --sweep              # also: extraction with 0/1/2 workers, 1/2 threads, batch 16/32
+    python benchmarks/bench_train.py --n 40 --epochs 2 --ceiling-seconds 3   # a quick look that it runs
+
+Rows of the table:
+  (a)   the machine's forward ceiling: the backbone alone on random batches, channels_last fp32, inference_mode
+  (b)   the usual loop: DataLoader + Resize/RandomHorizontalFlip + the full model (NCHW fp32) every epoch,
+        a validation pass every epoch; same model, split, loss, optimizer, lr, seed as train.py
+  (c)   train.main end to end with a cold feature cache (extraction included)
+  (c')  the same again on the warm cache (another --lr, so it is a new run, not a copy)
+  (c'') train.main --amp (bf16 autocast for the backbone) with its own cold cache
+Random ('none') weights give a near-chance mAP on every path; what matters is that (b) and (c) agree.
+The machine is shared and noisy: read the ratios of one run, not absolute numbers across runs.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from common import fmt, forward_ceiling, load_average, machine_lines, make_set, table
+
+import torch  # noqa: E402  (after common, which puts the repo root on sys.path)
+
+import feature_cache  # noqa: E402
+import train  # noqa: E402
+from data_loader import seed_everything, split_indices  # noqa: E402
+from dataset import (IMAGENET_MEAN, IMAGENET_STD, ImageDataset, Report, collate, eval_transform,  # noqa: E402
+                     load_dataset, load_image, train_transform)
+from loss import make_loss, pos_weights  # noqa: E402
+from metrics import attribute_metrics  # noqa: E402
+from model import build_model  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n", type=int, default=300, help="generated images")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--usual-epochs", type=int, help="run the usual loop for this many epochs and extrapolate "
+                                                    "its wall time to --epochs (default: all --epochs, measured)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=train.SEED)
+    p.add_argument("--data-seed", type=int, default=1234, help="make_sample seed")
+    p.add_argument("--ceiling-seconds", type=float, default=18.0, help="timed seconds per ceiling measurement")
+    p.add_argument("--no-amp", action="store_true", help="skip the --amp run and the bf16 ceiling")
+    p.add_argument("--sweep", action="store_true", help="also time extraction over workers/threads/batch settings")
+    p.add_argument("--sweep-n", type=int, default=64, help="images per sweep setting")
+    p.add_argument("--quiet", action="store_true", help="do not echo train.py's log lines")
+    return p.parse_args(argv)
+
+
+# ---- timing helpers ----
+
+class Timers:
+    """Wraps module functions to add up the wall time spent inside them, per label."""
+
+    def __init__(self):
+        self.seconds, self.calls, self._undo = {}, {}, []
+
+    def wrap(self, module, name, label=None):
+        label = label or name
+        original = getattr(module, name, None)
+        if original is None:  # the product renamed it: that part just lands in "other"
+            return
+
+        def timed(*a, **k):
+            started = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - started
+                self.calls[label] = self.calls.get(label, 0) + 1
+
+        setattr(module, name, timed)
+        self._undo.append((module, name, original))
+
+    def restore(self):
+        for module, name, original in reversed(self._undo):
+            setattr(module, name, original)
+        self._undo = []
+
+
+class Tee(io.TextIOBase):
+    def __init__(self, echo):
+        self.buffer, self.echo, self._line = io.StringIO(), echo, ""
+
+    def write(self, s):
+        self.buffer.write(s)
+        if self.echo:
+            self._line += s
+            while "\n" in self._line:
+                line, self._line = self._line.split("\n", 1)
+                sys.__stdout__.write(f"    | {line}\n")
+            sys.__stdout__.flush()
+        return len(s)
+
+    def getvalue(self):
+        return self.buffer.getvalue()
+
+
+# ---- (b) the usual loop ----
+
+def usual_loop(labels, images, args, epochs):
+    """What a typical script does with a frozen backbone: the backbone runs on every image every epoch."""
+    started = time.perf_counter()
+    seed_everything(args.seed)
+    table_, paths, targets = load_dataset(labels, images, Report())
+    attributes = table_.attributes
+    train_idx, val_idx = split_indices(targets, train.VAL_FRACTION, args.seed)
+    pos_weight, _ = pos_weights(targets[train_idx])
+    torch.manual_seed(args.seed)  # as train.py: the same random backbone and head as (c)
+    model = build_model(args.backbone, len(attributes), "none", "none", args.image_size)
+    loss_fn = make_loss("bce", pos_weight)
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=train.LR, weight_decay=train.WEIGHT_DECAY)
+    generator = torch.Generator().manual_seed(args.seed)
+    train_set = ImageDataset([paths[i] for i in train_idx], targets[train_idx], train_transform(args.image_size))
+    val_set = ImageDataset([paths[i] for i in val_idx], targets[val_idx], eval_transform(args.image_size))
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
+                                               num_workers=args.num_workers, collate_fn=collate,
+                                               generator=generator)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, shuffle=False,
+                                             num_workers=args.num_workers, collate_fn=collate)
+    setup = time.perf_counter() - started
+    epoch_times, maps = [], []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        model.train()  # the product's train() keeps the frozen backbone (and its BatchNorm) in eval mode
+        losses = []
+        for indices, x, _ in train_loader:
+            logits = model(x)
+            loss = loss_fn(logits, train_set.targets[indices])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        model.eval()
+        parts, kept = [], []
+        with torch.no_grad():
+            for indices, x, _ in val_loader:
+                parts.append(torch.sigmoid(model(x)))
+                kept.append(indices)
+        scores = torch.cat(parts).numpy()
+        y = val_set.targets[torch.cat(kept)].numpy()
+        maps.append(attribute_metrics(scores, y, [0.5] * len(attributes), attributes)["map"])
+        epoch_times.append(time.perf_counter() - t0)
+        print(f"    | usual loop epoch {epoch + 1:>3}/{epochs}  train_loss {np.mean(losses):.4f}  mAP {maps[-1]:.4f}  "
+              f"time {epoch_times[-1]:.1f}s  {(len(train_set) + len(val_set)) / epoch_times[-1]:.1f} img/s",
+              flush=True)
+    wall = time.perf_counter() - started
+    return {"wall": wall, "setup": setup, "epoch_times": epoch_times, "maps": maps,
+            "forwards": (len(train_set) + len(val_set)) * epochs, "n_train": len(train_set), "n_val": len(val_set)}
+
+
+# ---- (c) the project's path ----
+
+def project_path(labels, images, args, folder, cache_dir, extra=()):
+    """train.main in this process; wall time, extraction time and the mAPs from metrics.json, plus a breakdown."""
+    os.makedirs(folder, exist_ok=True)
+    argv = ["--labels", labels, "--images", images, "--out", os.path.join(folder, "model.pth"),
+            "--curve", os.path.join(folder, "loss_curve.png"), "--weights", "none", "--backbone", args.backbone,
+            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--image-size",
+            str(args.image_size), "--num-workers", str(args.num_workers), "--seed", str(args.seed),
+            "--cache-dir", cache_dir, "--patience", "0", *extra]
+    timers = Timers()
+    timers.wrap(train, "load_dataset", "data")
+    timers.wrap(train, "split_indices", "data")
+    timers.wrap(train, "build_model", "build model")
+    timers.wrap(feature_cache, "cached_features", "cache step")
+    timers.wrap(feature_cache, "fingerprint", "fingerprint")
+    timers.wrap(train, "save", "checkpoint saves")
+    for name in ("plot_loss_curve", "plot_metrics", "loss_curve_figure", "metrics_figure", "save_figure"):
+        timers.wrap(train, name, "plots")
+    out = Tee(echo=not args.quiet)
+    try:
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(out):
+            rc = train.main(argv)
+        wall = time.perf_counter() - started
+    finally:
+        timers.restore()
+    log = out.getvalue()
+    if rc != 0:
+        raise SystemExit(f"train.main {' '.join(argv)} returned {rc}:\n{log}")
+    with open(os.path.join(folder, "metrics.json")) as f:
+        metrics = json.load(f)
+    history = metrics["history"]
+    m = re.search(r"extracted (\d+) images in ([\d.]+)s", log)
+    epoch_s = [float(t) for t in re.findall(r"^epoch\s+\d+/\d+ .*  time ([\d.]+)s", log, re.M)]
+    return {
+        "wall": wall, "log": log, "extract_images": int(m.group(1)) if m else 0,
+        "extract_s": float(m.group(2)) if m else None, "epoch_s": sum(epoch_s),
+        "map_last": history[-1]["map"], "map_best": max(h["map"] for h in history),
+        "best_epoch": metrics["best_epoch"], "maps": [h["map"] for h in history],
+        "timers": dict(timers.seconds),
+    }
+
+
+def breakdown_rows(name, r):
+    t = r["timers"]
+    fingerprint = t.get("fingerprint", 0.0)
+    cache_step = t.get("cache step", 0.0)
+    extraction = r["extract_s"] or 0.0
+    parts = [
+        ("data (labels, split)", t.get("data", 0.0)),
+        ("build model", t.get("build model", 0.0)),
+        ("cache: fingerprint", fingerprint),
+        ("cache: extraction loop", extraction),
+        ("cache: rest (lookup, index)", cache_step - fingerprint - extraction),
+        ("epochs (log 'time', sum)", r["epoch_s"]),
+        ("checkpoint saves", t.get("checkpoint saves", 0.0)),
+        ("plots", t.get("plots", 0.0)),
+    ]
+    parts.append(("other", r["wall"] - sum(s for _, s in parts)))
+    return [[name, label, fmt(s, ".2f"), fmt(100 * s / r["wall"], ".0f") + "%"] for label, s in parts]
+
+
+# ---- the sweep: what makes extraction slower than the ceiling ----
+
+def sweep(paths, args, ceiling):
+    """Extraction (feature_cache.extract, both views) of the first sweep_n images under several settings."""
+    paths = paths[:args.sweep_n]
+    torch.manual_seed(args.seed)
+    model = build_model(args.backbone, 4, "none", "none", args.image_size)
+    transform = eval_transform(args.image_size)
+    rows = []
+    t0 = time.perf_counter()
+    for p in paths:
+        transform(load_image(p))
+    decode = len(paths) / (time.perf_counter() - t0)
+    rows.append(["decode+resize+normalize only, main process", "-", "-", "-", fmt(decode), "-"])
+    default_threads = torch.get_num_threads()
+    settings = [(2, 2, 32), (1, 2, 32), (0, 2, 32), (2, 1, 32), (0, 2, 16), (2, 2, 16)]
+    for workers, threads, batch in settings:
+        torch.set_num_threads(threads)
+        try:
+            # warm-up on this shape so the first-batch kernel set-up is not what is measured
+            list(feature_cache.extract(model, paths[:batch], args.image_size, IMAGENET_MEAN, IMAGENET_STD, batch, 0,
+                                       torch.device("cpu"), False))
+            started = time.perf_counter()
+            for _ in feature_cache.extract(model, paths, args.image_size, IMAGENET_MEAN, IMAGENET_STD, batch, workers,
+                                           torch.device("cpu"), False):
+                pass
+            rate = 2 * len(paths) / (time.perf_counter() - started)
+        finally:
+            torch.set_num_threads(default_threads)
+        rows.append([f"extract: workers {workers}, torch threads {threads}, batch {batch} (forward {2 * batch})",
+                     workers, threads, batch, fmt(rate), fmt(100 * rate / ceiling, ".0f") + "%"])
+        print(f"    | sweep {rows[-1][0]}: {rate:.1f} forwards/s", flush=True)
+    for batch in (args.batch_size, 2 * args.batch_size):
+        rate, _ = forward_ceiling(batch, args.image_size, args.backbone, seconds=max(args.ceiling_seconds / 2, 2))
+        rows.append([f"forward only, random input, batch {batch}", "-", default_threads, batch, fmt(rate),
+                     fmt(100 * rate / ceiling, ".0f") + "%"])
+        print(f"    | sweep {rows[-1][0]}: {rate:.1f} images/s", flush=True)
+    return table(["setting", "workers", "threads", "batch", "forwards/s", "% ceiling"], rows)
+
+
+# ---- main ----
+
+def main(argv=None):
+    args = parse_args(argv)
+    usual_epochs = args.usual_epochs or args.epochs
+    total_started = time.perf_counter()
+    print("\n".join(machine_lines()), flush=True)
+    print(f"setup     {args.n} images, {args.epochs} epochs, batch {args.batch_size}, {args.image_size}px, "
+          f"{args.backbone} --weights none, {args.num_workers} workers, seed {args.seed}", flush=True)
+    work = tempfile.mkdtemp(prefix="bench_train-")
+    try:
+        labels, images = make_set(os.path.join(work, "data"), args.n, args.data_seed)
+        paths = sorted(os.path.join(images, f) for f in os.listdir(images))
+        n = len(paths)
+
+        print("(a) forward ceiling, fp32 channels_last ...", flush=True)
+        ceiling_1, batches = forward_ceiling(args.batch_size, args.image_size, args.backbone, args.ceiling_seconds)
+        print(f"    | {ceiling_1:.2f} images/s over {batches} batches", flush=True)
+        ceiling_bf16 = None
+        if not args.no_amp:
+            print("(a') forward ceiling, bf16 autocast channels_last ...", flush=True)
+            ceiling_bf16, batches = forward_ceiling(args.batch_size, args.image_size, args.backbone,
+                                                    args.ceiling_seconds, amp=True)
+            print(f"    | {ceiling_bf16:.2f} images/s over {batches} batches", flush=True)
+
+        print("(c) train.main, cold cache ...", flush=True)
+        c = project_path(labels, images, args, os.path.join(work, "c"), os.path.join(work, "cache"))
+        print("(c') train.main, warm cache, --lr 3e-4 ...", flush=True)
+        c_warm = project_path(labels, images, args, os.path.join(work, "c_warm"), os.path.join(work, "cache"),
+                              ["--lr", "3e-4"])
+        c_amp = None
+        if not args.no_amp:
+            print("(c'') train.main --amp, cold cache ...", flush=True)
+            c_amp = project_path(labels, images, args, os.path.join(work, "c_amp"), os.path.join(work, "cache_amp"),
+                                 ["--amp"])
+
+        label_b = "(b) usual loop" if usual_epochs == args.epochs else \
+            f"(b) usual loop, EXTRAPOLATED from {usual_epochs} of {args.epochs} epochs"
+        print(f"{label_b} ...", flush=True)
+        b = usual_loop(labels, images, args, usual_epochs)
+        if usual_epochs != args.epochs:
+            per_epoch = sum(b["epoch_times"]) / usual_epochs
+            b["wall"] = b["setup"] + per_epoch * args.epochs
+            b["forwards"] = b["forwards"] // usual_epochs * args.epochs
+
+        print("(a) forward ceiling again (after the runs) ...", flush=True)
+        ceiling_2, batches = forward_ceiling(args.batch_size, args.image_size, args.backbone, args.ceiling_seconds)
+        print(f"    | {ceiling_2:.2f} images/s over {batches} batches", flush=True)
+        ceiling = max(ceiling_1, ceiling_2)
+
+        sweep_table = sweep(paths, args, ceiling) if args.sweep else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    image_epochs = n * args.epochs
+
+    def pct(rate, of=None):
+        return fmt(100 * rate / (of or ceiling), ".0f") + "%"
+
+    def map_cell(maps, best_epoch=None):
+        best = int(np.argmax(maps)) + 1 if best_epoch is None else best_epoch
+        return f"{maps[-1]:.4f} (best {max(maps):.4f} @{best})"
+
+    b_rate = b["forwards"] / (b["wall"] - b["setup"])  # train + val forwards per second of epoch time
+    rows = [
+        ["(a) ceiling: backbone forward, fp32 channels_last", fmt(args.ceiling_seconds, ".0f"),
+         f"{ceiling_1:.2f} / {ceiling_2:.2f}", "-", "-", "-", "100%"],
+    ]
+    if ceiling_bf16:
+        rows.append(["(a') ceiling: backbone forward, bf16 autocast", fmt(args.ceiling_seconds, ".0f"),
+                     fmt(ceiling_bf16, ".2f"), "-", "-", "-", pct(ceiling_bf16)])
+    rows.append([label_b + " (NCHW fp32)", fmt(b["wall"]), fmt(image_epochs / b["wall"], ".2f"),
+                 map_cell(b["maps"]), "-", "1.00x", pct(b_rate) + " (loop fwd)"])
+
+    def c_row(name, r, ceiling_for=None):
+        extraction = "cached" if not r["extract_images"] else \
+            pct(2 * r["extract_images"] / r["extract_s"], ceiling_for)
+        return [name, fmt(r["wall"]), fmt(image_epochs / r["wall"], ".2f"), map_cell(r["maps"], r["best_epoch"]),
+                f"{r['map_last'] - b['maps'][-1]:+.4f}", f"{b['wall'] / r['wall']:.2f}x", extraction]
+
+    rows.append(c_row("(c) train.main, cold cache", c))
+    rows.append(c_row("(c') train.main, warm cache (--lr 3e-4)", c_warm))
+    if c_amp:
+        rows.append(c_row("(c'') train.main --amp, cold cache", c_amp))
+    headers = ["path", "wall s", "images/s", "val mAP last (best @epoch)", "dmAP last vs (b)", "(b)/path",
+               "extraction % ceil"]
+    print()
+    print("\n".join(machine_lines()))
+    print(f"setup     {n} images ({b['n_train']} train, {b['n_val']} val), {args.epochs} epochs, batch "
+          f"{args.batch_size}, {args.image_size}px, {args.backbone} --weights none, {args.num_workers} workers, "
+          f"seed {args.seed}")
+    print(table(headers, rows, ["<", ">", ">", ">", ">", ">", ">"]))
+    print("images/s: images x epochs / wall for (b) and (c); forward images/s for (a). (a) shows before / after the "
+          "runs; % ceiling uses the higher one.")
+    print("extraction % ceil: (images x 2 views) / extraction time ('extracted N images in Xs') / ceiling; for (b) "
+          "its in-loop forward rate (train + val images per epoch / epoch time).")
+
+    print("\nwhere (c) spends its wall time")
+    bd = breakdown_rows("(c)", c) + breakdown_rows("(c')", c_warm) + (breakdown_rows("(c'')", c_amp) if c_amp else [])
+    print(table(["run", "part", "seconds", "share"], bd))
+
+    speedup = b["wall"] / c["wall"]
+    extraction_rate = 2 * c["extract_images"] / c["extract_s"]
+    print("\ntargets")
+    checks = [
+        ("training 10 epochs >= 8x faster than the usual loop", f"{speedup:.2f}x", speedup >= 8),
+        ("validation mAP (last epoch) within 0.01 of the usual loop", f"{c['map_last'] - b['maps'][-1]:+.4f}",
+         abs(c["map_last"] - b["maps"][-1]) <= 0.01),
+        ("feature extraction >= 85% of the forward ceiling", pct(extraction_rate), extraction_rate >= 0.85 * ceiling),
+    ]
+    for what, value, ok in checks:
+        print(f"  {'PASS' if ok else 'FAIL'}  {what}: {value}")
+    if c_amp:
+        amp_rate = 2 * c_amp["extract_images"] / c_amp["extract_s"]
+        print(f"  info  --amp: extraction {amp_rate:.2f} vs {extraction_rate:.2f} forwards/s fp32 "
+              f"({amp_rate / extraction_rate:.2f}x; bf16 ceiling {ceiling_bf16:.2f} = "
+              f"{ceiling_bf16 / ceiling:.2f}x fp32), wall {c_amp['wall']:.1f}s vs {c['wall']:.1f}s, "
+              f"mAP last {c_amp['map_last']:.4f} vs {c['map_last']:.4f} ({c_amp['map_last'] - c['map_last']:+.4f})")
+    if sweep_table:
+        print(f"\nextraction settings ({min(args.sweep_n, n)} images x 2 views each; % of the ceiling above)")
+        print(sweep_table)
+    print(f"\ntotal benchmark time {time.perf_counter() - total_started:.0f}s; load avg at the end {load_average()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
