@@ -31,6 +31,17 @@ class UserError(Exception):
     """An error the user can fix (bad file, bad option). Scripts print it as one `error:` line."""
 
 
+def run_cli(run, args):
+    """Run a script's run(args): a UserError becomes one `error:` line and exit code 2 (a traceback with --debug)."""
+    try:
+        return run(args)
+    except UserError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 class Report:
     """Collects warnings (printed as they happen, counted by reason); under strict the first one is an error."""
 

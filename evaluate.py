@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from dataset import Report, UserError, eval_transform, load_dataset
+from dataset import Report, UserError, eval_transform, load_dataset, run_cli
 from inference import predict
 from metrics import attribute_metrics, format_table, to_json
 from model import load_checkpoint, model_from_checkpoint, pick_device
@@ -65,14 +65,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -172,7 +172,6 @@ def cached_features(model, backbone_name, paths, image_size, mean, std, cache_di
             log(f"extracting {backbone_name} features of {len(todo)} images x 2 views")
             started, last_index_write = time.time(), time.time()
             bar = progress(len(todo), "extract")
-            pending_keys, pending = [], []
             for indices, features, errors in extract(model, [paths[i] for i in todo], image_size, mean, std,
                                                      batch_size, num_workers, device, amp):
                 for i, message in errors:

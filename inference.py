@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from dataset import UserError, eval_transform, list_images, load_image
+from dataset import ImageDataset, UserError, eval_transform, list_images, load_image, run_cli
 from model import load_checkpoint, model_from_checkpoint, pick_device
 
 BATCH_SIZE = 32
@@ -54,7 +54,6 @@ def predict(model, paths, transform, device, batch_size, num_workers):
             yield paths[0], torch.sigmoid(model(x.to(device).contiguous(memory_format=torch.channels_last)))[0].tolist(), None
         return
     from data_loader import make_loader
-    from dataset import ImageDataset
 
     loader = make_loader(ImageDataset(paths, None, transform), batch_size, False,
                          min(num_workers, len(paths) // batch_size + 1), device=device)
@@ -101,14 +100,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 
 from data_loader import make_loader, seed_everything, split_indices
 from dataset import (IMAGENET_MEAN, IMAGENET_STD, ImageDataset, Report, UserError, format_counts, label_counts,
-                     load_dataset, load_image, train_transform, eval_transform)
+                     load_dataset, load_image, run_cli, train_transform, eval_transform)
 from loss import LOSSES, make_loss, pos_weights
 from metrics import attribute_metrics, format_table, to_json, tune_threshold, precision_recall_curve
 from model import BACKBONES, CHECKPOINT_FORMAT, amp_context, build_model, load_checkpoint, pick_device
@@ -576,7 +576,7 @@ def run(args):
     save_figure(loss_curve_figure(state["losses"]), outputs["curve"])
     log(f"wrote {outputs['curve']} ({len(state['losses'])} steps)")
     if state["best_epoch"] < 0:
-        log(f"interrupted before the first epoch ended: no checkpoint written")
+        log("interrupted before the first epoch ended: no checkpoint written")
         return 130
     log(f"wrote {outputs['best']} (epoch {state['best_epoch']}) and {outputs['last']}")
     finish_metrics(args, outputs, state, best, attributes, table, val_idx, targets, report)
@@ -636,15 +636,9 @@ def restore_rng(state):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        return run(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        return run_cli(run, parse_args(argv))
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("interrupted", file=sys.stderr)
         return 130
 
