@@ -43,6 +43,8 @@ class MaskedLoss(nn.Module):
     def forward(self, logits, targets):
         logits = logits.float()
         known = targets >= 0
+        # Zero the NA logits first: where() below hides an inf in the value but not in the gradient.
+        logits = torch.where(known, logits, torch.zeros_like(logits))
         y = (targets == 1).float()
         elementwise = -(y * self.pos_weight * self.positive_term(logits) + (1 - y) * self.negative_term(logits))
         # where(), not multiplication: an NA cell's loss may be inf and inf * 0 is NaN.

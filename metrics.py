@@ -38,7 +38,7 @@ def precision_recall_curve(scores, positive):
 
 
 def f1_at(scores, positive, threshold):
-    predicted = scores >= threshold
+    predicted = np.asarray(scores, dtype=np.float64) >= threshold
     tp = int((predicted & positive).sum())
     fp = int((predicted & ~positive).sum())
     fn = int((~predicted & positive).sum())
@@ -53,11 +53,13 @@ def tune_threshold(scores, positive, default=0.5):
     lowest score predicted positive and the next lower score, so it does not hug a training point."""
     if positive.sum() == 0:
         return default, "no known positives in validation; threshold kept at 0.5"
-    cuts, tp, fp = _cuts(scores, positive)
+    # float64: the midpoint of two adjacent float32 scores would round onto the lower one.
+    cuts, tp, fp = _cuts(np.asarray(scores, dtype=np.float64), positive)
     f1 = 2 * tp / (tp + fp + positive.sum())
     best = int(np.argmax(f1))  # first maximum = highest cut among ties
-    below = cuts[best + 1] if best + 1 < len(cuts) else 0.0
-    return float((cuts[best] + below) / 2), ""
+    below = float(cuts[best + 1]) if best + 1 < len(cuts) else 0.0
+    threshold = (float(cuts[best]) + below) / 2
+    return (threshold if threshold > below else float(cuts[best])), ""
 
 
 def attribute_metrics(scores, targets, thresholds, attributes):

@@ -30,6 +30,8 @@ BAD = ["zero.jpg", "truncated.jpg", "text.jpg", "bomb.png"]  # exist, cannot be 
 ODD = ["rgba.png", "palette.png", "palette_t.png", "gray.png", "gray16.png", "cmyk.jpg", "exif.jpg", "tiny.png"]
 MISSING = "ghost.jpg"  # listed in the labels file, not on disk
 N_GOOD = 24
+# conftest's FAST, at 32 pixels: these tests check the handling of bad input, not the model.
+QUICK = FAST + ["--image-size", "32"]
 
 
 def call(module, argv):
@@ -116,7 +118,7 @@ def mixed(tmp_path_factory):
 
 
 def train_argv(mixed, out_dir, *extra):
-    return FAST + ["--labels", mixed["labels"], "--images", mixed["images"], "--epochs", "1",
+    return QUICK + ["--labels", mixed["labels"], "--images", mixed["images"], "--epochs", "1",
                    "--out", os.path.join(out_dir, "m.pth"), "--curve", os.path.join(out_dir, "curve.png"), *extra]
 
 
@@ -383,7 +385,7 @@ def test_malicious_resume_and_weights_files_are_refused(mixed, tmp_path):
     for extra in (["--resume", evil], ["--weights", evil]):
         argv = train_argv(mixed, str(tmp_path / "out"), *extra)
         if "--weights" in extra:
-            argv = argv[2:]  # drop FAST's "--weights none"
+            argv = argv[2:]  # drop QUICK's "--weights none"
         rc, stdout, stderr = call(train, argv)
         assert rc == 2, (extra, stderr)
         assert [line for line in error_lines(stderr) if evil in line], stderr
@@ -423,7 +425,7 @@ def test_output_under_a_regular_file_is_refused_before_training(tiny_set, tmp_pa
     (tmp_path / "afile").write_text("a file, not a folder")
     out = str(tmp_path / "afile" / "model.pth")
     started = time.time()
-    rc, stdout, stderr = call(train, FAST + ["--labels", labels, "--images", images, "--epochs", "1", "--out", out,
+    rc, stdout, stderr = call(train, QUICK + ["--labels", labels, "--images", images, "--epochs", "1", "--out", out,
                                              "--curve", str(tmp_path / "curve.png")])
     assert_refused_before_training(rc, stdout, stderr, time.time() - started, out)
 
@@ -433,7 +435,7 @@ def test_curve_under_a_regular_file_is_refused_before_training(tiny_set, tmp_pat
     (tmp_path / "afile").write_text("x")
     curve = str(tmp_path / "afile" / "sub" / "curve.png")
     started = time.time()
-    rc, stdout, stderr = call(train, FAST + ["--labels", labels, "--images", images, "--epochs", "1",
+    rc, stdout, stderr = call(train, QUICK + ["--labels", labels, "--images", images, "--epochs", "1",
                                              "--out", str(tmp_path / "m.pth"), "--curve", curve])
     assert_refused_before_training(rc, stdout, stderr, time.time() - started, curve)
     assert not (tmp_path / "m.pth").exists()
@@ -444,7 +446,7 @@ def test_output_that_is_an_existing_folder_is_refused(tiny_set, tmp_path, existi
     labels, images = tiny_set
     (tmp_path / existing_dir).mkdir()
     started = time.time()
-    rc, stdout, stderr = call(train, FAST + ["--labels", labels, "--images", images, "--epochs", "1",
+    rc, stdout, stderr = call(train, QUICK + ["--labels", labels, "--images", images, "--epochs", "1",
                                              "--out", str(tmp_path / "m.pth"), "--curve", str(tmp_path / "curve.png")])
     assert_refused_before_training(rc, stdout, stderr, time.time() - started, str(tmp_path / existing_dir))
     assert "is a folder" in stderr
@@ -458,7 +460,7 @@ def test_output_folder_not_writable_is_refused(tiny_set, tmp_path, monkeypatch):
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(out_dir) else real_access(p, mode))
     started = time.time()
-    rc, stdout, stderr = call(train, FAST + ["--labels", labels, "--images", images, "--epochs", "1",
+    rc, stdout, stderr = call(train, QUICK + ["--labels", labels, "--images", images, "--epochs", "1",
                                              "--out", str(out_dir / "m.pth"), "--curve", str(tmp_path / "c.png")])
     assert_refused_before_training(rc, stdout, stderr, time.time() - started, str(out_dir / "m.pth"))
     assert "not writable" in stderr
@@ -469,7 +471,7 @@ def test_cache_dir_under_a_regular_file_is_a_clear_error(tiny_set, tmp_path):
     (tmp_path / "afile").write_text("x")
     cache = str(tmp_path / "afile" / "cache")
     started = time.time()
-    rc, stdout, stderr = call(train, FAST + ["--labels", labels, "--images", images, "--epochs", "1",
+    rc, stdout, stderr = call(train, QUICK + ["--labels", labels, "--images", images, "--epochs", "1",
                                              "--out", str(tmp_path / "m.pth"), "--curve", str(tmp_path / "c.png"),
                                              "--cache-dir", cache])
     assert_refused_before_training(rc, stdout, stderr, time.time() - started, cache)
@@ -478,7 +480,7 @@ def test_cache_dir_under_a_regular_file_is_a_clear_error(tiny_set, tmp_path):
 # ---------------------------------------------------------------- labels-file errors through train.py
 
 def train_on(labels, images, out_dir, *extra):
-    return call(train, FAST + ["--labels", labels, "--images", images, "--epochs", "1", "--no-cache",
+    return call(train, QUICK + ["--labels", labels, "--images", images, "--epochs", "1", "--no-cache",
                                "--out", os.path.join(out_dir, "m.pth"), "--curve", os.path.join(out_dir, "c.png"),
                                *extra])
 
@@ -512,54 +514,52 @@ def test_missing_images_folder_is_one_error(tiny_set, tmp_path):
     assert str(tmp_path / "nope") in line
 
 
-def test_non_utf8_line_is_a_counted_warning(tiny_set, tmp_path):
-    labels, images = tiny_set
-    with open(labels, "rb") as f:
-        lines = f.read().splitlines(keepends=True)
-    lines.insert(2, "caf\u00e9.jpg 1 0 1 0\n".encode("latin-1"))
-    bad = tmp_path / "latin.txt"
-    bad.write_bytes(b"".join(lines))
-    rc, stdout, stderr = train_on(str(bad), images, str(tmp_path))
-    assert rc == 0, stderr
-    (warning,) = warning_lines(stderr)
-    assert f"{bad}:3:" in warning
-    assert summary(stdout) == (1, {"not UTF-8": 1})
-    assert "data: 24 images used" in stdout
-
-
-def rewrite_columns(labels, path, columns):
-    """Copy a header-less labels file with some columns replaced: {column index: value string}."""
+def rewrite(labels, path, columns=None, edit=None):
+    """Copy a header-less labels file as bytes: columns {index: value} replaced on every row; edit(lines) after."""
     with open(labels) as f:
         rows = [line.split() for line in f if line.strip()]
-    with open(path, "w") as f:
-        for row in rows:
-            for k, value in columns.items():
-                row[1 + k] = value
-            f.write(" ".join(row) + "\n")
+    for row in rows:
+        for k, value in (columns or {}).items():
+            row[1 + k] = value
+    lines = [(" ".join(row) + "\n").encode() for row in rows]
+    if edit:
+        edit(lines)
+    with open(path, "wb") as f:
+        f.write(b"".join(lines))
+    return str(path)
 
 
-def test_attribute_all_na_and_attribute_without_positives_warn_and_train(tiny_set, tmp_path):
+def test_labels_warnings_are_reported_counted_and_training_finishes(tiny_set, tmp_path):
+    """One run, four warnings: a line that is not UTF-8, a bad cell, an attribute whose known cells are all
+    NA (Attr3) and one without positives (Attr4); their pos_weight is 1.0, not inf or NaN."""
     labels, images = tiny_set
-    changed = str(tmp_path / "labels.txt")
-    rewrite_columns(labels, changed, {2: "NA", 3: "0"})
+
+    def edit(lines):
+        lines[4] = lines[4].split()[0] + b" 1mobilenet 0 NA 0\n"
+        lines.insert(2, "caf\u00e9.jpg 1 0 NA 0\n".encode("latin-1"))
+
+    changed = rewrite(labels, tmp_path / "labels.txt", {2: "NA", 3: "0"}, edit)
     rc, stdout, stderr = train_on(changed, images, str(tmp_path))
     assert rc == 0, stderr
+    assert "Traceback" not in stderr
     warnings = warning_lines(stderr)
-    assert len(warnings) == 2
-    assert "Attr3" in warnings[0] and "no known positives" in warnings[0] and changed in warnings[0]
-    assert "Attr4" in warnings[1] and "no known positives" in warnings[1]
+    assert len(warnings) == 4, warnings
+    assert f"{changed}:3:" in warnings[0] and "UTF-8" in warnings[0]
+    assert f"{changed}:6:" in warnings[1] and "'1mobilenet'" in warnings[1]
+    assert "Attr3" in warnings[2] and "no known positives" in warnings[2] and changed in warnings[2]
+    assert "Attr4" in warnings[3] and "no known positives" in warnings[3]
     (weights,) = [line for line in stdout.splitlines() if line.startswith("pos_weight")]
     assert "Attr3=1.000" in weights and "Attr4=1.000" in weights
     assert "nan" not in weights and "inf" not in weights
-    assert summary(stdout) == (2, {"attribute": 2})
+    assert "data: 24 images used" in stdout
+    assert summary(stdout) == (4, {"not UTF-8": 1, "bad value": 1, "attribute": 2})
     assert "train_loss nan" not in stdout
     assert os.path.isfile(tmp_path / "m.pth")
 
 
 def test_strict_turns_an_attribute_without_positives_into_an_error(tiny_set, tmp_path):
     labels, images = tiny_set
-    changed = str(tmp_path / "labels.txt")
-    rewrite_columns(labels, changed, {3: "0"})
+    changed = rewrite(labels, tmp_path / "labels.txt", {3: "0"})
     rc, stdout, stderr = train_on(changed, images, str(tmp_path), "--strict")
     assert rc == 2
     (line,) = error_lines(stderr)
@@ -568,17 +568,48 @@ def test_strict_turns_an_attribute_without_positives_into_an_error(tiny_set, tmp
     assert not (tmp_path / "m.pth").exists()
 
 
-def test_strict_turns_a_bad_labels_cell_into_an_error(tiny_set, tmp_path):
+@pytest.mark.parametrize("line", [b"img_0004.jpg 1mobilenet 0 1 NA\n", b"img_0004.jpg 1 0 1\n",
+                                  b"img_0001.jpg 1 0 1 0\n", b"caf\xe9.jpg 1 0 1 0\n", b"ghost.jpg 1 0 1 0\n"])
+def test_strict_turns_each_labels_warning_into_an_error(tiny_set, tmp_path, line):
     labels, images = tiny_set
-    with open(labels) as f:
-        lines = f.readlines()
-    lines[4] = lines[4].split()[0] + " 1mobilenet 0 1 NA\n"
-    bad = tmp_path / "labels.txt"
-    bad.write_text("".join(lines))
-    rc, stdout, stderr = train_on(str(bad), images, str(tmp_path), "--strict")
+
+    def edit(lines):
+        lines[4] = line
+
+    bad = rewrite(labels, tmp_path / "labels.txt", edit=edit)
+    rc, stdout, stderr = train_on(bad, images, str(tmp_path), "--strict")
     assert rc == 2
-    (line,) = error_lines(stderr)
-    assert f"{bad}:5:" in line and "1mobilenet" in line
-    rc, stdout, stderr = train_on(str(bad), images, str(tmp_path))
-    assert rc == 0, stderr
-    assert summary(stdout) == (1, {"bad value": 1})
+    (error,) = error_lines(stderr)
+    assert f"{bad}:5:" in error and "--strict" in error
+    assert "epoch" not in stdout
+
+
+@pytest.mark.parametrize("augment", ["flip", "strong"])
+def test_strict_turns_an_unreadable_image_into_an_error(tmp_path, augment):
+    images, labels = str(tmp_path / "images"), str(tmp_path / "labels.txt")
+    make_sample.generate(10, images, labels, seed=3, na_rate=0.0)
+    open(os.path.join(images, "img_0004.jpg"), "wb").close()
+    rc, stdout, stderr = train_on(labels, images, str(tmp_path), "--strict", "--augment", augment)
+    assert rc == 2, stdout
+    (error,) = error_lines(stderr)
+    assert os.path.join(images, "img_0004.jpg") in error and "--strict" in error
+    assert not (tmp_path / "m.pth").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--curve"])
+def test_output_path_naming_a_folder_that_does_not_exist(tiny_set, tmp_path, flag):
+    """`--out runs/` (trailing separator): refuse it before training, or write into the folder; never train
+    and then fail to save."""
+    labels, images = tiny_set
+    outputs = {"--out": str(tmp_path / "m.pth"), "--curve": str(tmp_path / "c.png")}
+    outputs[flag] = str(tmp_path / "runs") + os.sep
+    rc, stdout, stderr = call(train, QUICK + ["--labels", labels, "--images", images, "--epochs", "1", "--no-cache",
+                                              "--out", outputs["--out"], "--curve", outputs["--curve"]])
+    assert "Traceback" not in stderr
+    if rc == 2:
+        (error,) = error_lines(stderr)
+        assert outputs[flag] in error
+        assert "epoch" not in stdout
+    else:
+        assert rc == 0, stderr
+        assert os.listdir(tmp_path / "runs"), "nothing written into the folder"
