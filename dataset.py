@@ -94,6 +94,11 @@ def parse_labels(path, report=None):
         raise UserError(f"{path}: labels file not found (give its path with --labels)") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read the labels file ({e.strerror})") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16, as "Unicode text" exports write it
+        try:
+            raw = raw.decode("utf-16").encode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: looks like UTF-16 but does not decode; save it as UTF-8") from None
     if raw.startswith(b"\xef\xbb\xbf"):  # a BOM, as spreadsheets write it
         raw = raw[3:]
 
@@ -101,6 +106,8 @@ def parse_labels(path, report=None):
     for number, line in enumerate(raw.split(b"\n"), start=1):
         try:
             text = line.decode("utf-8")
+            if "\x00" in text:
+                raise UnicodeDecodeError("utf-8", line, 0, 1, "NUL byte")
         except UnicodeDecodeError:
             report.warn("not UTF-8", f"{path}:{number}: line is not UTF-8 text, skipped (save the file as UTF-8)")
             continue
@@ -114,7 +121,9 @@ def parse_labels(path, report=None):
     first_number, first = content[0]
     header = len(first) > 1 and all(_cell_value(c) is None for c in first[1:])
     if header:
-        attributes = first[1:]
+        # Usually `image_name A1 .. AK`; a header that names only the attributes has one cell less than the rows.
+        widths = Counter(len(fields) for _, fields in content[1:])
+        attributes = first if widths and widths.most_common(1)[0][0] == len(first) + 1 else first[1:]
         if len(set(attributes)) != len(attributes):
             raise UserError(f"{path}:{first_number}: the header repeats an attribute name; make the names unique")
         content = content[1:]

@@ -5,6 +5,7 @@ logits; the sigmoid is applied at prediction time only (BCEWithLogits trains on 
 """
 import os
 import re
+import warnings
 
 import torch
 import torchvision
@@ -171,7 +172,15 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: model file not found (train one with `python train.py`, or give --model)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "zip" not in str(e):
+                raise
+            # Not a zip archive: mmap cannot read it, so read it plainly (still weights_only) to say why.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         kind = "refused: it holds code or objects, not just weights" if "weights_only" in str(e) else \
             f"unreadable or truncated ({type(e).__name__})"

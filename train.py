@@ -173,7 +173,7 @@ def check_writable(paths):
             raise UserError(f"{path}: cannot create the folder {folder} ({e.strerror}); choose another output path")
         if not os.access(folder, os.W_OK):
             raise UserError(f"{path}: the folder {folder} is not writable; choose another output path")
-        if os.path.isdir(path):
+        if os.path.isdir(path) or path.endswith(("/", os.sep)):
             raise UserError(f"{path}: is a folder; give a file path")
 
 
@@ -445,8 +445,9 @@ def run(args):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     outputs = output_paths(args)
-    check_writable(outputs)
     cached = args.unfreeze == "none" and args.augment == "flip"
+    check_writable(dict(outputs, **({"cache": os.path.join(args.cache_dir, "index.json")}
+                                    if cached and not args.no_cache else {})))
     reason = "frozen backbone, flip-only augmentation" if cached else \
         ("--unfreeze last" if args.unfreeze != "none" else "--augment strong")
     device = pick_device(args.device)

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from common import fmt, forward_ceiling, load_average, machine_lines, make_set, table
+from common import fmt, forward_ceiling, load_average, machine_lines, make_set, table, wait_for_quiet
 
 import torch  # noqa: E402  (after common, which puts the repo root on sys.path)
 
@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=train.SEED)
     p.add_argument("--data-seed", type=int, default=1234, help="make_sample seed")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
+                   help="first wait up to S seconds for the 1-minute load average to drop below 1")
     p.add_argument("--ceiling-seconds", type=float, default=18.0, help="timed seconds per ceiling measurement")
     p.add_argument("--no-amp", action="store_true", help="skip the --amp run and the bf16 ceiling")
     p.add_argument("--sweep", action="store_true", help="also time extraction over workers/threads/batch settings")
@@ -274,6 +276,9 @@ def main(argv=None):
     args = parse_args(argv)
     usual_epochs = args.usual_epochs or args.epochs
     total_started = time.perf_counter()
+    if args.wait_quiet:
+        print(f"waiting up to {args.wait_quiet:.0f}s for a quiet machine: load {wait_for_quiet(args.wait_quiet):.2f}",
+              flush=True)
     print("\n".join(machine_lines()), flush=True)
     print(f"setup     {args.n} images, {args.epochs} epochs, batch {args.batch_size}, {args.image_size}px, "
           f"{args.backbone} --weights none, {args.num_workers} workers, seed {args.seed}", flush=True)

@@ -43,6 +43,14 @@ def load_average():
         return "?"
 
 
+def wait_for_quiet(max_seconds, below=1.0):
+    """Wait (up to max_seconds) until the 1-minute load average drops below `below`; other work skews timings."""
+    started = time.time()
+    while max_seconds > 0 and os.getloadavg()[0] >= below and time.time() - started < max_seconds:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
 def machine_lines():
     import torchvision
 

@@ -30,8 +30,8 @@ BAD = ["zero.jpg", "truncated.jpg", "text.jpg", "bomb.png"]  # exist, cannot be 
 ODD = ["rgba.png", "palette.png", "palette_t.png", "gray.png", "gray16.png", "cmyk.jpg", "exif.jpg", "tiny.png"]
 MISSING = "ghost.jpg"  # listed in the labels file, not on disk
 N_GOOD = 24
-# conftest's FAST, at 32 pixels: these tests check the handling of bad input, not the model.
-QUICK = FAST + ["--image-size", "32"]
+# conftest's FAST with a lighter backbone at 32 pixels: these tests check the handling of bad input, not the model.
+QUICK = FAST + ["--image-size", "32", "--backbone", "mobilenet_v3_large"]
 
 
 def call(module, argv):
@@ -155,6 +155,20 @@ def assert_bad_images_warned_and_counted(mixed, rc, stdout, stderr):
 
 # ---------------------------------------------------------------- training with broken images
 
+def test_the_odd_images_are_what_their_names_say(mixed):
+    def opened(name):
+        return Image.open(os.path.join(mixed["images"], name))
+
+    modes = {name: opened(name).mode for name in ODD}
+    assert modes == {"rgba.png": "RGBA", "palette.png": "P", "palette_t.png": "P", "gray.png": "L",
+                     "gray16.png": "I;16", "cmyk.jpg": "CMYK", "exif.jpg": "RGB", "tiny.png": "RGB"}
+    assert "transparency" in opened("palette_t.png").info and "transparency" not in opened("palette.png").info
+    assert opened("exif.jpg").getexif()[0x0112] == 6
+    assert opened("tiny.png").size == (1, 1)
+    assert os.path.getsize(os.path.join(mixed["images"], "bomb.png")) < 100
+    assert not os.path.exists(os.path.join(mixed["images"], MISSING))
+
+
 def test_training_with_feature_cache_skips_and_counts_bad_images(mixed, cached_run):
     assert_bad_images_warned_and_counted(mixed, cached_run["rc"], cached_run["stdout"], cached_run["stderr"])
     # All 32 readable images train (val fraction 0): 4 steps of 8; with the 4 broken ones it would be 5.
@@ -164,7 +178,10 @@ def test_training_with_feature_cache_skips_and_counts_bad_images(mixed, cached_r
         cached = {os.path.basename(key.split("|")[0]) for key in json.load(f)["rows"]}
     assert cached == set(ODD) | {f"img_{i:04d}.jpg" for i in range(1, N_GOOD + 1)}
     with open(os.path.join(cached_run["out"], "metrics.json")) as f:
-        assert json.load(f)["warnings"] == {"image not found": 1, "unreadable image": len(BAD)}
+        warnings = json.load(f)["warnings"]
+    assert warnings["counts"] == {"image not found": 1, "unreadable image": len(BAD)}
+    for name in BAD + [MISSING]:  # the summary file keeps the messages too
+        assert len([m for m in warnings["messages"] if os.path.join(mixed["images"], name) in m]) == 1
 
 
 def test_training_without_cache_skips_and_counts_bad_images(mixed, tmp_path):
@@ -174,15 +191,17 @@ def test_training_without_cache_skips_and_counts_bad_images(mixed, tmp_path):
 
 
 def test_full_loop_with_workers_survives_bad_images(mixed, tmp_path):
+    """The truncated JPEG passes a header check and fails only when decoded, inside a DataLoader worker."""
     rc, stdout, stderr = call(train, train_argv(mixed, str(tmp_path), "--augment", "strong", "--num-workers", "2"))
     assert "path: full loop" in stdout
     assert_bad_images_warned_and_counted(mixed, rc, stdout, stderr)
-    with open(tmp_path / "metrics.json") as f:
-        unreadable = json.load(f)["unreadable_images"]
-    # Every image is decoded once in the epoch (train or validation part): only the broken ones failed.
-    assert set(unreadable) == {os.path.join(mixed["images"], n) for n in BAD}
-    assert "decompression bomb" in unreadable[os.path.join(mixed["images"], "bomb.png")]
-    assert "empty file" in unreadable[os.path.join(mixed["images"], "zero.jpg")]
+    (truncated,) = [w for w in warning_lines(stderr) if "truncated.jpg" in w]
+    assert "cannot read image" in truncated
+    (bomb,) = [w for w in warning_lines(stderr) if "bomb.png" in w]
+    assert "decompression bomb" in bomb
+    (zero,) = [w for w in warning_lines(stderr) if "zero.jpg" in w]
+    assert "empty file" in zero
+    assert os.path.isfile(tmp_path / "m.pth")
 
 
 # ---------------------------------------------------------------- inference with broken images
@@ -248,7 +267,21 @@ def test_inference_predicts_every_odd_but_valid_image(mixed, model_path):
     assert all("probabilities" in r for r in records)
 
 
-def test_inference_uses_the_upright_exif_picture(model_path, tmp_path):
+@pytest.fixture(scope="module")
+def sensitive_model(model_path, tmp_path_factory):
+    """The trained checkpoint with a seeded random resnet50 in place of its weights: the lighter backbone,
+    random and frozen, gives the same probabilities for a picture and its rotation; this one does not."""
+    from model import build_model
+
+    ckpt = torch.load(model_path, map_location="cpu", weights_only=True)
+    torch.manual_seed(0)
+    net = build_model("resnet50", len(ckpt["attributes"]), "none", image_size=ckpt["image_size"])
+    path = str(tmp_path_factory.mktemp("sensitive") / "resnet50.pth")
+    torch.save({**ckpt, "backbone": "resnet50", "model": net.state_dict()}, path)
+    return path
+
+
+def test_inference_uses_the_upright_exif_picture(sensitive_model, tmp_path):
     # The EXIF JPEG's pixels, decoded and turned upright, saved losslessly: the same picture upright.
     picture = Image.effect_noise((48, 32), 80).convert("RGB")
     picture.paste((250, 20, 20), (0, 0, 24, 12))
@@ -260,7 +293,7 @@ def test_inference_uses_the_upright_exif_picture(model_path, tmp_path):
     decoded.save(tmp_path / "sideways.png")
 
     def probabilities(name):
-        rc, stdout, stderr = predict(model_path, str(tmp_path / name), extra=["--json"])
+        rc, stdout, stderr = predict(sensitive_model, str(tmp_path / name), extra=["--json"])
         assert rc == 0, stderr
         return json.loads(stdout)["probabilities"]
 
@@ -291,7 +324,7 @@ def damaged_models(real, folder):
         "more_attributes.pth": dict(attributes=ckpt["attributes"] + ["Extra"], thresholds=ckpt["thresholds"] + [0.5]),
         "fewer_attributes.pth": dict(attributes=ckpt["attributes"][:2], thresholds=ckpt["thresholds"][:2]),
         "attributes_only.pth": dict(attributes=ckpt["attributes"] + ["Extra"]),
-        "other_backbone.pth": dict(backbone="efficientnet_b0"),
+        "other_backbone.pth": dict(backbone="resnet50" if ckpt["backbone"] != "resnet50" else "efficientnet_b0"),
         "unknown_backbone.pth": dict(backbone="vgg99"),
     }
     for name, change in variants.items():
@@ -383,14 +416,24 @@ def test_malicious_resume_and_weights_files_are_refused(mixed, tmp_path):
     evil = str(tmp_path / "evil.pth")
     write_malicious(evil, OpensAFile(str(marker)), "torch.save")
     for extra in (["--resume", evil], ["--weights", evil]):
-        argv = train_argv(mixed, str(tmp_path / "out"), *extra)
-        if "--weights" in extra:
-            argv = argv[2:]  # drop QUICK's "--weights none"
-        rc, stdout, stderr = call(train, argv)
+        rc, stdout, stderr = call(train, train_argv(mixed, str(tmp_path / "out"), *extra))
         assert rc == 2, (extra, stderr)
         assert [line for line in error_lines(stderr) if evil in line], stderr
         assert not marker.exists()
         assert "epoch " not in stdout
+
+
+@pytest.mark.parametrize("name", ["missing.pth", "text.pth", "truncated.pth", "tensor.pth"])
+def test_bad_weights_or_resume_file_is_one_clear_error(tiny_set, bad_models, tmp_path, name):
+    labels, images = tiny_set
+    for flag in ("--weights", "--resume"):
+        rc, stdout, stderr = call(train, QUICK + ["--labels", labels, "--images", images, "--epochs", "1",
+                                                  "--out", str(tmp_path / "m.pth"), "--curve", str(tmp_path / "c.png"),
+                                                  flag, bad_models[name]])
+        assert rc == 2, (flag, stderr)
+        (line,) = error_lines(stderr)
+        assert bad_models[name] in line
+        assert "Traceback" not in stderr and "epoch" not in stdout
 
 
 def test_every_torch_load_in_the_product_is_weights_only():
@@ -584,11 +627,12 @@ def test_strict_turns_each_labels_warning_into_an_error(tiny_set, tmp_path, line
     assert "epoch" not in stdout
 
 
-@pytest.mark.parametrize("augment", ["flip", "strong"])
-def test_strict_turns_an_unreadable_image_into_an_error(tmp_path, augment):
+@pytest.mark.parametrize("augment, damage", [("flip", "empty"), ("strong", "empty"), ("strong", "truncate")])
+def test_strict_turns_an_unreadable_image_into_an_error(tmp_path, augment, damage):
     images, labels = str(tmp_path / "images"), str(tmp_path / "labels.txt")
     make_sample.generate(10, images, labels, seed=3, na_rate=0.0)
-    open(os.path.join(images, "img_0004.jpg"), "wb").close()
+    with open(os.path.join(images, "img_0004.jpg"), "rb+") as f:
+        f.truncate(0 if damage == "empty" else len(f.read()) // 2)
     rc, stdout, stderr = train_on(labels, images, str(tmp_path), "--strict", "--augment", augment)
     assert rc == 2, stdout
     (error,) = error_lines(stderr)

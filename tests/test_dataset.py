@@ -70,6 +70,13 @@ def test_header_names_the_attributes(tmp_path):
     assert table.lines == [2, 3]
 
 
+def test_header_naming_only_the_attributes_is_recognised(tmp_path):
+    # `Attr1 Attr2` over rows of three fields: the header has no cell for the image column.
+    table = parse_labels(write(tmp_path, "sleeves colour\na.jpg 1 0\nb.jpg NA 1\n"), Report())
+    assert table.attributes == ["sleeves", "colour"]
+    assert table.targets == [[1, 0], [NA, 1]]
+
+
 def test_header_repeating_a_name_is_an_error(tmp_path):
     path = write(tmp_path, "image a b a\nx.jpg 1 0 1\n")
     with pytest.raises(UserError, match=r"labels\.txt:1:.*repeats"):
@@ -199,6 +206,20 @@ def test_missing_image_on_disk_warns_and_is_skipped(tmp_path):
     (line,) = messages(report)
     assert line.startswith("warning: ") and f"{path}:2:" in line and os.path.join(str(images), "b.jpg") in line
     assert report.counts == {"image not found": 1}
+
+
+def test_utf16_file_is_read_or_refused_clearly(tmp_path):
+    """Excel's "Unicode Text" and Notepad's "Unicode" save UTF-16: its lines are mostly valid UTF-8 (ASCII
+    plus NUL bytes), so a line-by-line UTF-8 check lets garbage names like '\\x00b\\x00.\\x00j...' through."""
+    path = write(tmp_path, "image\tA\tB\r\na.jpg\t1\t0\r\nb.jpg\t0\tNA\r\n".encode("utf-16"))
+    try:
+        table = parse_labels(path, quiet())
+    except UserError as e:
+        assert path in str(e) and "UTF" in str(e)
+        return
+    assert table.attributes == ["A", "B"]
+    assert table.names == ["a.jpg", "b.jpg"]
+    assert table.targets == [[1, 0], [0, NA]]
 
 
 def test_report_counts_every_reason(tmp_path):
