@@ -143,9 +143,10 @@ def parse_labels(path, report=None):
                         f"{path}:{number}: expected an image name and {k} values, found {len(fields)} fields; line skipped")
             continue
         name, cells = fields[0], fields[1:]
-        if name in seen:
+        same = os.path.normpath(name)  # `a.jpg` and `./a.jpg` are one file
+        if same in seen:
             report.warn("duplicate image",
-                        f"{path}:{number}: {name} already listed on line {seen[name]}; the first is kept")
+                        f"{path}:{number}: {name} already listed on line {seen[same]}; the first is kept")
             continue
         values = []
         for attribute, cell in zip(attributes, cells):
@@ -155,7 +156,7 @@ def parse_labels(path, report=None):
                             f"{path}:{number}: {attribute} value {cell!r} is not 1, 0 or NA; treated as NA")
                 value = NA
             values.append(value)
-        seen[name] = number
+        seen[same] = number
         table.names.append(name)
         table.targets.append(values)
         table.lines.append(number)

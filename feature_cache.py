@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from data_loader import make_loader
-from dataset import ImageDataset, eval_transform
+from dataset import ImageDataset, UserError, eval_transform
 from model import amp_context
 
 CACHE_VERSION = 1
@@ -48,11 +48,16 @@ class FeatureStore:
 
     def __init__(self, folder, dim, warn=print):
         self.folder, self.dim, self.warn = folder, dim, warn
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self._lock = open(os.path.join(folder, "lock"), "w")
+        except OSError as e:
+            raise UserError(f"{folder}: cannot use it for the feature cache ({e.strerror}); "
+                            "give another --cache-dir or use --no-cache") from None
         self.data_path = os.path.join(folder, "features.f32")
         self.index_path = os.path.join(folder, "index.json")
         self.row_bytes = 2 * dim * 4
-        self._lock = open(os.path.join(folder, "lock"), "w")
+
         fcntl.flock(self._lock, fcntl.LOCK_EX)  # two runs sharing a cache take turns
         self.rows = self._read_index()
         # Cut off rows a crashed run appended without indexing them.
@@ -164,7 +169,9 @@ def cached_features(model, backbone_name, paths, image_size, mean, std, cache_di
     try:
         keys = [image_key(p) for p in paths]
         rows = store.lookup(keys)
-        todo = np.flatnonzero(rows < 0)
+        # One file under two names (`a.jpg`, `./a.jpg`) is extracted once.
+        first = {}
+        todo = np.array([i for i, k in enumerate(keys) if rows[i] < 0 and first.setdefault(k, i) == i], dtype=np.int64)
         ok = np.ones(len(paths), dtype=bool)
         if cache_dir is not None:
             log(f"feature cache: {len(paths) - len(todo)} of {len(paths)} images found in {folder}")
@@ -186,6 +193,8 @@ def cached_features(model, backbone_name, paths, image_size, mean, std, cache_di
                 if should_stop():
                     break
             store.write_index()
+            for i, k in enumerate(keys):
+                rows[i], ok[i] = rows[first.get(k, i)], ok[first.get(k, i)]
             elapsed = time.time() - started
             log(f"extracted {len(todo)} images in {elapsed:.1f}s ({2 * len(todo) / max(elapsed, 1e-9):.1f} forwards/s)")
         data = store.array()

@@ -104,6 +104,9 @@ def _read_state_dict(path):
                         "give a torchvision-format state dict saved with torch.save") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a checkpoint that wraps its state dict
+        if state.get("format") is None and any(k.startswith("backbone.") for k in state):
+            # One of our own model.pth files: its backbone weights, without the head.
+            state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     if not isinstance(state, dict):
         raise UserError(f"{path}: does not hold a state dict")
     # torchvision's DenseNet files use the old key names ("norm.1"), which its own loader renames.
@@ -131,7 +134,10 @@ def build_model(backbone, num_attributes, weights="imagenet", unfreeze="none", i
         net = builder(None, image_size)
         state = _read_state_dict(weights)
         head_keys = {k for k in state if k not in net.state_dict()}
-        missing, _ = net.load_state_dict({k: v for k, v in state.items() if k not in head_keys}, strict=False)
+        try:
+            missing, _ = net.load_state_dict({k: v for k, v in state.items() if k not in head_keys}, strict=False)
+        except RuntimeError:  # same key names, other shapes: another depth or width of the family
+            missing = ["(weights of another shape)"]
         if missing:
             raise UserError(f"{weights}: not a {backbone} state dict ({len(missing)} weights missing, "
                             f"e.g. {missing[0]}); give the torchvision {backbone} file")
