@@ -537,7 +537,9 @@ def run(args):
                 result = attribute_metrics(scores, y, [0.5] * len(attributes), attributes)
                 record.update(val_loss=val_loss, map=result["map"], macro_f1=result["macro_f1"],
                               ap=[r["ap"] for r in result["attributes"]])
-            improved = not len(val_idx) or record["map"] > state["best_map"]
+            # No mAP (no validation, or no known positives in it): every epoch counts as the best so far.
+            score = record.get("map", math.nan)
+            improved = math.isnan(score) or score > state["best_map"]
             elapsed = time.time() - started
             line = f"epoch {epoch + 1:>3}/{args.epochs}  train_loss {record['train_loss']:.4f}"
             if len(val_idx):
@@ -546,7 +548,7 @@ def run(args):
             state["history"].append(record)
             state["epoch"] = epoch + 1
             if improved:
-                state.update(best_map=record.get("map", -1.0), best_epoch=epoch + 1, since_best=0)
+                state.update(best_map=-1.0 if math.isnan(score) else score, best_epoch=epoch + 1, since_best=0)
                 save(make_checkpoint(model, args, attributes, counts, thresholds, epoch + 1, record.get("map"),
                                      args.image_size), outputs["best"])
                 if len(val_idx):
@@ -605,7 +607,7 @@ def finish_metrics(args, outputs, state, best, attributes, table, val_idx, targe
         log(f"wrote {outputs['val_labels']} (check with: python evaluate.py --labels {outputs['val_labels']} "
             f"--images {args.images} --model {outputs['best']})")
     summary["warnings"] = {"counts": dict(report.counts), "messages": report.messages}
-    atomic_write(outputs["metrics"], lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1) + "\n"))
+    atomic_write(outputs["metrics"], lambda tmp: open(tmp, "w").write(json.dumps(to_json(summary), indent=1) + "\n"))
     log(f"wrote {outputs['metrics']}")
     if report.total:
         log(f"warnings: {report.total} ({', '.join(f'{n} {r}' for r, n in report.counts.items())})")
