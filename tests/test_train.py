@@ -184,3 +184,13 @@ def test_the_pipeline_learns_with_pretrained_features(tmp_path, capsys):
         assert row["f1"] >= at_half[row["attribute"]]["f1"] - 1e-12, row
     table = capsys.readouterr().out
     assert "mAP" in table and "Attr4" in table
+
+
+def test_val_fraction_zero_trains_on_everything_and_keeps_the_last_epoch(tiny_set, tmp_path, capsys):
+    assert train.main(train_args(tiny_set, tmp_path, "--val-fraction", "0", epochs=2)) == 0
+    out = capsys.readouterr().out
+    assert "24 images used (24 train, 0 validation)" in out
+    ckpt = torch.load(tmp_path / "model.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["thresholds"] == [0.5] * 4 and ckpt["val_map"] is None
+    assert not (tmp_path / "metrics.png").exists() and not (tmp_path / "val_labels.txt").exists()
+    assert json.load(open(tmp_path / "metrics.json"))["best_epoch"] == 2
