@@ -487,6 +487,9 @@ def run(args):
     try:
         if cached:
             features, rows, ok = cached_features_for(model, paths, args, device, report, stop)
+            if stop.requested:
+                log("interrupted during feature extraction: the features extracted so far are cached; nothing trained")
+                return 130
             train_idx, val_idx = train_idx[ok[train_idx]], val_idx[ok[val_idx]]
             steps_per_epoch = math.ceil(len(train_idx) / args.batch_size)
         else:
