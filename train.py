@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from copy import deepcopy
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 CACHE_DIR = ".feature_cache"  # frozen-backbone features kept here between runs (--no-cache: keep none)
 AMP = False  # bf16 autocast for the backbone (cpu or cuda)
 
-# Settings that --resume may change; all others come from the checkpoint being resumed.
+# Settings that --resume lets the command line change; all others come from the checkpoint being resumed.
 RESUME_OVERRIDES = {"epochs", "device", "num_workers", "cache_dir", "no_cache", "debug", "resume", "patience"}
 
 
@@ -352,6 +353,16 @@ def make_checkpoint(model, args, attributes, counts, thresholds, epoch, val_map,
     }
 
 
+def detached(checkpoint):
+    """A copy that later steps cannot change: head and optimizer tensors are cloned (they are updated in
+    place); the frozen backbone's tensors never change on the cached path and are shared."""
+    copy = dict(checkpoint, model={k: v.clone() if k.startswith("head.") else v
+                                   for k, v in checkpoint["model"].items()})
+    if "optimizer" in checkpoint:
+        copy["optimizer"] = deepcopy(checkpoint["optimizer"])
+    return copy
+
+
 def save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
@@ -432,10 +443,8 @@ def resume_args(args):
     if "optimizer" not in ckpt:
         raise UserError(f"{args.resume}: a best-model checkpoint cannot be resumed; give the *_last.pth file")
     for key, value in ckpt["config"].items():
-        if key not in RESUME_OVERRIDES and key not in ("explicit",):
+        if key != "resume" and not (key in RESUME_OVERRIDES and key in args.explicit):
             setattr(args, key, value)
-        elif key == "epochs" and "epochs" not in args.explicit:
-            args.epochs = value
     return ckpt
 
 
@@ -484,6 +493,7 @@ def run(args):
 
     stop = StopFlag()
     failed = {}  # image path -> message, for images that failed to decode
+    pending = {}  # checkpoints not yet written: "best" and "last"
     try:
         if cached:
             features, rows, ok = cached_features_for(model, paths, args, device, report, stop)
@@ -550,24 +560,31 @@ def run(args):
             log(f"{line}  time {elapsed:.2f}s  {seen / max(elapsed, 1e-9):.0f} img/s{'  *best' if improved else ''}")
             state["history"].append(record)
             state["epoch"] = epoch + 1
+            checkpoint = make_checkpoint(model, args, attributes, counts, thresholds, epoch + 1, record.get("map"),
+                                         args.image_size)
             if improved:
                 state.update(best_map=-1.0 if math.isnan(score) else score, best_epoch=epoch + 1, since_best=0)
-                save(make_checkpoint(model, args, attributes, counts, thresholds, epoch + 1, record.get("map"),
-                                     args.image_size), outputs["best"])
+                pending["best"] = checkpoint
                 if len(val_idx):
                     best = (scores, y, thresholds, notes)
             else:
                 state["since_best"] += 1
-            last = make_checkpoint(model, args, attributes, counts, thresholds, epoch + 1, record.get("map"),
-                                   args.image_size)
-            last.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state(),
-                        state=json.dumps(state))
-            save(last, outputs["last"])
+            pending["last"] = dict(checkpoint, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                   rng=rng_state(), state=json.dumps(state))
+            if cached:
+                # An epoch on cached features takes milliseconds and writing ~100 MB twice costs more than
+                # the epoch: keep the checkpoints in memory and write them once, at the end or on Ctrl-C.
+                pending = {k: detached(v) for k, v in pending.items()}
+            else:
+                for key in list(pending):
+                    save(pending.pop(key), outputs[key])
             if args.patience and state["since_best"] >= args.patience:
                 log(f"early stop: validation mAP has not improved for {args.patience} epochs")
                 break
     finally:
         stop.restore()
+        for key, checkpoint in pending.items():
+            save(checkpoint, outputs[key])
 
     if best is None and len(val_idx) and state["best_epoch"] > 0:
         # The best epoch came before a --resume: its scores are not in memory, so score the saved best model.

@@ -110,32 +110,36 @@ def test_unfreeze_last_trains_the_last_block_and_nothing_before_it(tiny_set, tmp
     assert not any(k.startswith("backbone.features.1.") or k.startswith("backbone.features.14.") for k in changed)
 
 
-def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_set, tmp_path):
-    # The full loop (strong augmentation, a cosine schedule) uses every piece of state that --resume restores:
-    # optimizer, scheduler, RNG, epoch, loss history.
-    common = ["--backbone", "mobilenet_v3_large", "--augment", "strong", "--scheduler", "cosine", "--patience", "0"]
+@pytest.mark.parametrize("path, epochs", [("full", 8), ("cached", 300)])
+def test_resume_after_ctrl_c_matches_an_uninterrupted_run(path, epochs, tiny_set, tmp_path):
+    # The full loop (strong augmentation) and the cached path (checkpoints kept in memory, written on Ctrl-C),
+    # both with a cosine schedule: every piece of state that --resume restores matters (optimizer, scheduler,
+    # RNG, epoch, loss history). Cached epochs take milliseconds, hence many more of them.
+    common = ["--backbone", "mobilenet_v3_large", "--scheduler", "cosine", "--patience", "0"]
+    if path == "full":
+        common += ["--augment", "strong"]
     straight = tmp_path / "straight"
-    assert train.main(train_args(tiny_set, straight, *common, epochs=8)) == 0
+    assert train.main(train_args(tiny_set, straight, *common, epochs=epochs)) == 0
 
     stopped = tmp_path / "stopped"
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
-                                *train_args(tiny_set, stopped, *common, epochs=8)],
+                                *train_args(tiny_set, stopped, *common, epochs=epochs)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:
-        if line.startswith("epoch   2/8"):
+        if line.startswith(f"epoch   2/{epochs}"):
             process.send_signal(signal.SIGINT)
             break
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "interrupted" in out + err and "Traceback" not in err
     last = torch.load(stopped / "model_last.pth", weights_only=True)
-    assert 2 <= last["epoch"] < 8, "the run should have stopped after epoch 2"
+    assert 2 <= last["epoch"] < epochs, "the run should have stopped after epoch 2"
     assert (stopped / "model.pth").exists() and (stopped / "loss_curve.png").exists()
 
     assert train.main(["--resume", str(stopped / "model_last.pth"), "--num-workers", "0"]) == 0
     resumed = torch.load(stopped / "model_last.pth", weights_only=True)
     reference = torch.load(straight / "model_last.pth", weights_only=True)
-    assert resumed["epoch"] == reference["epoch"] == 8
+    assert resumed["epoch"] == reference["epoch"] == epochs
     for key in ("head.weight", "head.bias"):
         torch.testing.assert_close(resumed["model"][key], reference["model"][key], rtol=1e-5, atol=1e-6)
     assert json.loads(resumed["state"])["losses"] == pytest.approx(json.loads(reference["state"])["losses"], rel=1e-5)
