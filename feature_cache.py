@@ -3,10 +3,11 @@
 With the backbone frozen and flip-only augmentation, every epoch of the usual loop recomputes the same
 forward passes. Here each image is run through the backbone twice (as is, and mirrored) and the pooled
 features are stored; training the head then picks one of the two views per image and epoch, which is
-exactly RandomHorizontalFlip(p=0.5).
+exactly RandomHorizontalFlip(p=0.5). Validation images only need the first view, so their mirror view is
+computed only if a later run trains on them.
 
 Layout: <cache dir>/<fingerprint>/features.f32 (raw float32 rows of 2 x D) and index.json, which maps
-"path|size|mtime_ns" to (row, crc32). The fingerprint hashes the backbone's weights, the image size and the
+"path|size|mtime_ns" to (row, crc32 of view 0, crc32 of view 1 or null when it is not stored). The fingerprint hashes the backbone's weights, the image size and the
 normalization, so any change of those lands in a new folder. Rows are appended and the index is replaced
 atomically afterwards, so a crash leaves rows without index entries (cut off on the next run), never an
 index entry without its row. A damaged index or a row whose checksum fails is rebuilt, never trusted.
@@ -27,7 +28,7 @@ from data_loader import make_loader
 from dataset import ImageDataset, UserError, eval_transform
 from model import amp_context
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def fingerprint(model, backbone_name, image_size, mean, std, amp):
@@ -73,43 +74,49 @@ class FeatureStore:
             rows = index["rows"]
             ok = (index["version"] == CACHE_VERSION and index["dim"] == self.dim
                   and os.path.getsize(self.data_path) >= len(rows) * self.row_bytes
-                  and sorted(r for r, _ in rows.values()) == list(range(len(rows))))
+                  and sorted(r for r, _, _ in rows.values()) == list(range(len(rows))))
         except (OSError, ValueError, KeyError, TypeError):
             ok = False
         if not ok:
             self.warn(f"feature cache {self.folder} is damaged; rebuilding it")
             return {}
-        return {k: tuple(v) for k, v in rows.items()}
+        return {k: list(v) for k, v in rows.items()}
 
     def close(self):
         fcntl.flock(self._lock, fcntl.LOCK_UN)
         self._lock.close()
 
     def lookup(self, keys):
-        """Row of each key, -1 where missing. If any stored row fails its checksum the whole cache is
-        treated as damaged and emptied: one bad row says the file cannot be trusted."""
+        """(row of each key or -1 where missing, whether its mirror view is stored). If any stored view fails
+        its checksum the whole cache is treated as damaged and emptied: one bad row says the file cannot be
+        trusted."""
         rows = np.full(len(keys), -1, dtype=np.int64)
+        mirrored = np.zeros(len(keys), dtype=bool)
         if not self.rows:
-            return rows
+            return rows, mirrored
         data = self.array()
         for i, key in enumerate(keys):
             entry = self.rows.get(key)
             if entry is None:
                 continue
-            row, crc = entry
-            if zlib.crc32(data[row].tobytes()) != crc:
+            row, crc0, crc1 = entry
+            if zlib.crc32(data[row, 0].tobytes()) != crc0 or (crc1 is not None and
+                                                               zlib.crc32(data[row, 1].tobytes()) != crc1):
                 self.warn(f"feature cache {self.folder} is damaged (checksum of {key.split('|')[0]}); rebuilding it")
                 self.rows = {}
                 with open(self.data_path, "ab") as f:
                     f.truncate(0)
                 self.write_index()
-                return np.full(len(keys), -1, dtype=np.int64)
-            rows[i] = row
-        return rows
+                return np.full(len(keys), -1, dtype=np.int64), np.zeros(len(keys), dtype=bool)
+            rows[i], mirrored[i] = row, crc1 is not None
+        return rows, mirrored
 
     def append(self, keys, features, write_index=True):
-        """Store features (n, 2, D) for keys; returns their rows. The index is rewritten afterwards."""
+        """Store features (n, V, D) for keys, V = 2 (as is, mirrored) or 1 (as is only); returns their rows."""
         features = np.ascontiguousarray(features, dtype=np.float32)
+        mirrored = features.shape[1] == 2
+        if not mirrored:
+            features = np.concatenate([features, np.zeros_like(features)], axis=1)
         start = len(self.rows)
         with open(self.data_path, "ab") as f:
             f.write(features.tobytes())
@@ -117,10 +124,26 @@ class FeatureStore:
             os.fsync(f.fileno())
         rows = np.arange(start, start + len(keys))
         for key, row, feature in zip(keys, rows, features):
-            self.rows[key] = (int(row), zlib.crc32(feature.tobytes()))
+            self.rows[key] = [int(row), zlib.crc32(feature[0].tobytes()),
+                              zlib.crc32(feature[1].tobytes()) if mirrored else None]
         if write_index:
             self.write_index()
         return rows
+
+    def add_mirror(self, keys, features, write_index=True):
+        """Write the mirror view (n, D) into the stored rows of keys. Its checksum enters the index only after
+        the bytes are on disk, so a crash in between leaves the view unused, not trusted."""
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        with open(self.data_path, "r+b") as f:
+            for key, feature in zip(keys, features):
+                f.seek(self.rows[key][0] * self.row_bytes + self.row_bytes // 2)
+                f.write(feature.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        for key, feature in zip(keys, features):
+            self.rows[key][2] = zlib.crc32(feature.tobytes())
+        if write_index:
+            self.write_index()
 
     def write_index(self):
         tmp = self.index_path + ".tmp"
@@ -135,8 +158,8 @@ class FeatureStore:
         return np.memmap(self.data_path, dtype=np.float32, mode="r", shape=(n, 2, self.dim))
 
 
-def extract(model, paths, image_size, mean, std, batch_size, num_workers, device, amp):
-    """Yield (indices, features (b, 2, D), errors) over paths: view 0 as is, view 1 mirrored."""
+def extract(model, paths, image_size, mean, std, batch_size, num_workers, device, amp, views=(0, 1)):
+    """Yield (indices, features (b, len(views), D), errors) over paths: view 0 as is, view 1 mirrored."""
     dataset = ImageDataset(paths, None, eval_transform(image_size, mean, std))
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, device=device)
     model.eval()  # the backbone's BatchNorm must use, never update, its running statistics
@@ -148,55 +171,75 @@ def extract(model, paths, image_size, mean, std, batch_size, num_workers, device
                 continue
             x = images.to(device, non_blocking=True)
             # Flipping the normalized tensor equals RandomHorizontalFlip after the resize, exactly.
-            x = torch.cat([x, torch.flip(x, dims=[3])]).contiguous(memory_format=torch.channels_last)
+            x = torch.cat([torch.flip(x, dims=[3]) if v else x for v in views])
             with amp_context(device, amp):
-                f = backbone(x)
-            f = f.float().cpu().numpy().reshape(2, len(indices), -1).transpose(1, 0, 2)
+                f = backbone(x.contiguous(memory_format=torch.channels_last))
+            f = f.float().cpu().numpy().reshape(len(views), len(indices), -1).transpose(1, 0, 2)
             yield indices.numpy(), f, errors
 
 
 def cached_features(model, backbone_name, paths, image_size, mean, std, cache_dir, batch_size, num_workers,
-                    device, amp, warn, log, progress, should_stop=lambda: False):
+                    device, amp, warn, log, progress, should_stop=lambda: False, mirror=None):
     """Features for paths, reusing the disk cache; returns (array (rows, 2, D), row of each path, ok mask).
 
-    Images that fail to decode are reported through warn(reason, message) and have ok False.
-    With cache_dir None the store lives in a temporary folder and the array is copied to memory.
+    mirror marks the paths whose mirror view is needed (the training images; default all); the others get
+    view 0 only. Images that fail to decode are reported through warn(reason, message, fatal) and have ok
+    False. With cache_dir None the store lives in a temporary folder and the array is copied to memory.
     """
     dim = model.head.in_features
+    mirror = np.ones(len(paths), dtype=bool) if mirror is None else np.asarray(mirror, dtype=bool)
     temporary = tempfile.mkdtemp(prefix="features-") if cache_dir is None else None
     folder = temporary or os.path.join(cache_dir, fingerprint(model, backbone_name, image_size, mean, std, amp))
     store = FeatureStore(folder, dim, warn=lambda m: warn("feature cache", m, False))
     try:
         keys = [image_key(p) for p in paths]
-        rows = store.lookup(keys)
-        # One file under two names (`a.jpg`, `./a.jpg`) is extracted once.
+        rows, mirrored = store.lookup(keys)
+        # One file under two names (`a.jpg`, `./a.jpg`) is one image: the first name stands for both.
         first = {}
-        todo = np.array([i for i, k in enumerate(keys) if rows[i] < 0 and first.setdefault(k, i) == i], dtype=np.int64)
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+            mirror[first[k]] |= mirror[i]
+        unique = np.array([first[k] == i for i, k in enumerate(keys)], dtype=bool)
+        jobs = [  # (indices into paths, views to compute, how to store them)
+            (np.flatnonzero(unique & (rows < 0) & mirror), (0, 1), store.append),
+            (np.flatnonzero(unique & (rows < 0) & ~mirror), (0,), store.append),
+            (np.flatnonzero(unique & (rows >= 0) & ~mirrored & mirror), (1,), None),
+        ]
         ok = np.ones(len(paths), dtype=bool)
+        forwards = sum(len(todo) * len(views) for todo, views, _ in jobs)
+        found = int(np.sum(unique & (rows >= 0)))
         if cache_dir is not None:
-            log(f"feature cache: {len(paths) - len(todo)} of {len(paths)} images found in {folder}")
-        if len(todo):
-            log(f"extracting {backbone_name} features of {len(todo)} images x 2 views")
+            log(f"feature cache: {found} of {int(unique.sum())} images found in {folder}")
+        if forwards:
+            log(f"extracting {backbone_name} features: {forwards} forwards "
+                f"({len(jobs[0][0])} images x 2 views, {len(jobs[1][0])} x 1, {len(jobs[2][0])} mirror only)")
             started, last_index_write = time.time(), time.time()
-            bar = progress(len(todo), "extract")
-            for indices, features, errors in extract(model, [paths[i] for i in todo], image_size, mean, std,
-                                                     batch_size, num_workers, device, amp):
-                for i, message in errors:
-                    ok[todo[i]] = False
-                    warn("unreadable image", f"{message}; skipped", True)
-                if features is not None:
-                    rows[todo[indices]] = store.append([keys[todo[i]] for i in indices], features, write_index=False)
-                if time.time() - last_index_write > 30:  # an interrupted extraction keeps what it did
-                    store.write_index()
-                    last_index_write = time.time()
-                bar(len(indices) + len(errors))
-                if should_stop():
-                    break
+            bar = progress(sum(len(todo) for todo, _, _ in jobs), "extract")
+            for todo, views, store_fn in jobs:
+                if not len(todo) or should_stop():
+                    continue
+                for indices, features, errors in extract(model, [paths[i] for i in todo], image_size, mean, std,
+                                                         batch_size, num_workers, device, amp, views):
+                    for i, message in errors:
+                        ok[todo[i]] = False
+                        warn("unreadable image", f"{message}; skipped", True)
+                    if features is not None:
+                        batch_keys = [keys[todo[i]] for i in indices]
+                        if store_fn is None:
+                            store.add_mirror(batch_keys, features[:, 0], write_index=False)
+                        else:
+                            rows[todo[indices]] = store_fn(batch_keys, features, write_index=False)
+                    if time.time() - last_index_write > 30:  # an interrupted extraction keeps what it did
+                        store.write_index()
+                        last_index_write = time.time()
+                    bar(len(indices) + len(errors))
+                    if should_stop():
+                        break
             store.write_index()
-            for i, k in enumerate(keys):
-                rows[i], ok[i] = rows[first.get(k, i)], ok[first.get(k, i)]
             elapsed = time.time() - started
-            log(f"extracted {len(todo)} images in {elapsed:.1f}s ({2 * len(todo) / max(elapsed, 1e-9):.1f} forwards/s)")
+            log(f"extracted in {elapsed:.1f}s ({forwards / max(elapsed, 1e-9):.1f} forwards/s)")
+        for i, k in enumerate(keys):
+            rows[i], ok[i] = rows[first[k]], ok[first[k]]
         data = store.array()
         if temporary:
             data = np.array(data)

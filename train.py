@@ -496,7 +496,9 @@ def run(args):
     pending = {}  # checkpoints not yet written: "best" and "last"
     try:
         if cached:
-            features, rows, ok = cached_features_for(model, paths, args, device, report, stop)
+            mirror = np.zeros(len(paths), dtype=bool)
+            mirror[train_idx] = True  # validation uses the unflipped view only
+            features, rows, ok = cached_features_for(model, paths, args, device, report, stop, mirror)
             if stop.requested:
                 log("interrupted during feature extraction: the features extracted so far are cached; nothing trained")
                 return 130
@@ -633,12 +635,12 @@ def finish_metrics(args, outputs, state, best, attributes, table, val_idx, targe
         log(f"warnings: {report.total} ({', '.join(f'{n} {r}' for r, n in report.counts.items())})")
 
 
-def cached_features_for(model, paths, args, device, report, stop):
+def cached_features_for(model, paths, args, device, report, stop, mirror):
     from feature_cache import cached_features
 
     return cached_features(model, args.backbone, paths, args.image_size, IMAGENET_MEAN, IMAGENET_STD,
                            None if args.no_cache else args.cache_dir, args.batch_size, args.num_workers, device,
-                           args.amp, report.warn, log, Progress, lambda: stop.requested)
+                           args.amp, report.warn, log, Progress, lambda: stop.requested, mirror)
 
 
 def rng_state():

@@ -383,3 +383,45 @@ def test_cache_dir_that_cannot_be_created_is_a_user_error(tmp_path, paths):
     blocker.write_text("a file where --cache-dir should be a folder\n")
     with pytest.raises(UserError, match="not_a_folder"):
         cached(make_model(), paths[:1], str(blocker))
+
+
+# ---- validation images get view 0 only; their mirror view is added when a later run trains on them ----
+
+def test_mirror_view_only_where_needed_and_added_later(tmp_path, paths, extracted):
+    m, cache_dir = make_model(), str(tmp_path / "cache")
+    mirror = np.array([True, True, False, False, True])
+    calls = Calls()
+    data, rows, ok = feature_cache.cached_features(
+        m, BACKBONE, paths, SIZE, IMAGENET_MEAN, IMAGENET_STD, cache_dir, 4, 0, torch.device("cpu"), False,
+        calls.warn, calls.log, calls.progress, mirror=mirror)
+    assert ok.all()
+    # 3 images x 2 views + 2 images x 1 view = 8 forwards.
+    assert any("8 forwards (3 images x 2 views, 2 x 1, 0 mirror only)" in line for line in calls.logs)
+    index = json.load(open(os.path.join(cache_dir, fingerprint_folders(cache_dir)[0], "index.json")))["rows"]
+    assert sorted(v[2] is None for v in index.values()) == [False, False, False, True, True]
+    view0 = np.array(data[rows])[:, 0]
+
+    del extracted[:]
+    features, rows, ok = cached(m, paths, cache_dir)  # now every image is a training image
+    assert extracted == [paths[2], paths[3]]  # only the two missing mirror views are computed
+    np.testing.assert_array_equal(features[:, 0], view0)
+    assert_features_of(make_model(), paths, features)
+
+
+def test_a_mirror_view_written_without_its_index_entry_is_not_trusted(tmp_path, paths):
+    # A crash between writing the mirror bytes and the index: the index still says "no mirror view".
+    m, cache_dir = make_model(), str(tmp_path / "cache")
+    calls = Calls()
+    feature_cache.cached_features(m, BACKBONE, paths[:2], SIZE, IMAGENET_MEAN, IMAGENET_STD, cache_dir, 4, 0,
+                                  torch.device("cpu"), False, calls.warn, calls.log, calls.progress,
+                                  mirror=[False, False])
+    folder = os.path.join(cache_dir, fingerprint_folders(cache_dir)[0])
+    store = feature_cache.FeatureStore(folder, m.head.in_features)
+    key = feature_cache.image_key(paths[0])
+    with open(store.data_path, "r+b") as f:  # garbage where the mirror view would go
+        f.seek(store.rows[key][0] * store.row_bytes + store.row_bytes // 2)
+        f.write(b"\x7f" * (store.row_bytes // 2))
+    store.close()
+    features, _, ok = cached(m, paths[:2], cache_dir)
+    assert ok.all()
+    assert_features_of(make_model(), paths[:2], features)
