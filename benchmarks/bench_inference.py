@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from common import ROOT, fmt, forward_ceiling, load_average, machine_lines, make_set, median, table, wait_for_quiet
+from common import ROOT, fmt, forward_ceiling, keep_heap, load_average, machine_lines, make_set, median, table, wait_for_quiet
 
 import torch  # noqa: E402
 
@@ -172,6 +172,12 @@ def main(argv=None):
         ceiling_2, _ = forward_ceiling(args.batch_size, image_size, backbone, args.ceiling_seconds)
         print(f"    | {ceiling_2:.2f} images/s", flush=True)
         ceiling = max(ceiling_1, ceiling_2)
+
+        heap_rate = None
+        if keep_heap():  # last: it cannot be undone in this process
+            print("predict() in this process after glibc keep_heap() ...", flush=True)
+            heap_rate = predict_rate(model_path, paths, args, args.num_workers)
+            print(f"    | {args.num_workers} workers: {heap_rate:.2f} images/s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -189,6 +195,9 @@ def main(argv=None):
     for workers, rate in rates.items():
         rows.append([f"predict() in process, {workers} workers, batch {args.batch_size}", fmt(len(paths) / rate, ".2f"),
                      fmt(rate, ".2f"), "-", pct(rate)])
+    if heap_rate:
+        rows.append([f"predict() in process, {args.num_workers} workers, after glibc keep_heap() (info)",
+                     fmt(len(paths) / heap_rate, ".2f"), fmt(heap_rate, ".2f"), "-", pct(heap_rate)])
     rows.append([f"ceiling: {backbone} forward, channels_last fp32, batch {args.batch_size}",
                  fmt(args.ceiling_seconds, ".0f"), f"{ceiling_1:.2f} / {ceiling_2:.2f}", "-", "100%"])
     print()
@@ -201,6 +210,15 @@ def main(argv=None):
     print(table(["stage", "seconds"], [[k, fmt(v, ".3f")] for k, v in stages.items()] +
                 [["sum", fmt(sum(stages.values()), ".3f")]]))
     folder_rate = len(paths) / folder_s
+    startup = folder_s - len(paths) / rates[args.num_workers]
+    steady = rates[args.num_workers]
+    print(f"\nfolder run = start-up + images / predict() rate: {folder_s:.2f}s = {startup:.2f}s + {len(paths)} / "
+          f"{steady:.2f}; the bare import alone is {bare_s:.2f}s.")
+    if steady > 0.85 * ceiling:
+        need = 0.85 * ceiling * startup / (1 - 0.85 * ceiling / steady)
+        print(f"with that start-up, 85% of the ceiling needs a folder of about {need:.0f} images or more.")
+    else:
+        print("predict() itself is below 85% of the ceiling: no folder size reaches it.")
     print("\ntargets")
     for what, value, ok in [
         ("python inference.py one.jpg <= 1.5x bare import torch, torchvision", f"{single_s / bare_s:.2f}x",

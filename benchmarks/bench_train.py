@@ -5,6 +5,9 @@
     python benchmarks/bench_train.py --sweep              # also: extraction with 0/1/2 workers, 1/2 threads, batch 16/32
     python benchmarks/bench_train.py --n 40 --epochs 2 --ceiling-seconds 3   # a quick look that it runs
 
+Order: (a), (a'), (b), (a) again, (c), (c'), (c''), the mAP noise floor, (a) a third time, the sweep. The usual loop
+runs before train.main so that nothing train.main changes process-wide (threads, allocator) helps it.
+
 Rows of the table:
   (a)   the machine's forward ceiling: the backbone alone on random batches, channels_last fp32, inference_mode
   (b)   the usual loop: DataLoader + Resize/RandomHorizontalFlip + the full model (NCHW fp32) every epoch,
@@ -28,7 +31,7 @@ import time
 
 import numpy as np
 
-from common import fmt, forward_ceiling, load_average, machine_lines, make_set, table, wait_for_quiet
+from common import fmt, forward_ceiling, keep_heap, load_average, machine_lines, make_set, table, wait_for_quiet
 
 import torch  # noqa: E402  (after common, which puts the repo root on sys.path)
 
@@ -269,11 +272,26 @@ def sweep(paths, args, ceiling):
         rows.append([f"extract: workers {workers}, torch threads {threads}, batch {batch} (forward {2 * batch})",
                      workers, threads, batch, fmt(rate), fmt(100 * rate / ceiling, ".0f") + "%"])
         print(f"    | sweep {rows[-1][0]}: {rate:.1f} forwards/s", flush=True)
-    for batch in (args.batch_size, 2 * args.batch_size):
-        rate, _ = forward_ceiling(batch, args.image_size, args.backbone, seconds=max(args.ceiling_seconds / 2, 2))
-        rows.append([f"forward only, random input, batch {batch}", "-", default_threads, batch, fmt(rate),
-                     fmt(100 * rate / ceiling, ".0f") + "%"])
-        print(f"    | sweep {rows[-1][0]}: {rate:.1f} images/s", flush=True)
+    for heap in (False, True):
+        # Last, because keep_heap() cannot be undone: glibc's mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=64 GiB).
+        if heap and not keep_heap():
+            break
+        note = ", glibc keep_heap()" if heap else ""
+        for batch in (args.batch_size, 2 * args.batch_size):
+            rate, _ = forward_ceiling(batch, args.image_size, args.backbone, seconds=max(args.ceiling_seconds / 2, 2))
+            rows.append([f"forward only, random input, batch {batch}{note}", "-", default_threads, batch, fmt(rate),
+                         fmt(100 * rate / ceiling, ".0f") + "%"])
+            print(f"    | sweep {rows[-1][0]}: {rate:.1f} images/s", flush=True)
+        if heap:
+            started = time.perf_counter()
+            for _ in feature_cache.extract(model, paths, args.image_size, IMAGENET_MEAN, IMAGENET_STD, args.batch_size,
+                                           args.num_workers, torch.device("cpu"), False):
+                pass
+            rate = 2 * len(paths) / (time.perf_counter() - started)
+            rows.append([f"extract: workers {args.num_workers}, torch threads {default_threads}, batch "
+                         f"{args.batch_size}{note}", args.num_workers, default_threads, args.batch_size, fmt(rate),
+                         fmt(100 * rate / ceiling, ".0f") + "%"])
+            print(f"    | sweep {rows[-1][0]}: {rate:.1f} forwards/s", flush=True)
     return table(["setting", "workers", "threads", "batch", "forwards/s", "% ceiling"], rows)
 
 
@@ -357,6 +375,16 @@ def main(argv=None):
             loads["a'"] = os.getloadavg()[0]
             print(f"    | {ceiling_bf16:.2f} images/s over {batches} batches", flush=True)
 
+        label_b = "(b) usual loop" if usual_epochs == args.epochs else \
+            f"(b) usual loop, EXTRAPOLATED from {usual_epochs} of {args.epochs} epochs"
+        print(f"{label_b} ...", flush=True)
+        b = usual_loop(labels, images, args, usual_epochs)
+        loads["b"] = os.getloadavg()[0]
+        if usual_epochs != args.epochs:
+            per_epoch = sum(b["epoch_times"]) / usual_epochs
+            b["wall"] = b["setup"] + per_epoch * args.epochs
+            b["forwards"] = b["forwards"] // usual_epochs * args.epochs
+        measure_ceiling("between")
         print("(c) train.main, cold cache ...", flush=True)
         c = project_path(labels, images, args, os.path.join(work, "c"), os.path.join(work, "cache"))
         loads["c"] = os.getloadavg()[0]
@@ -378,16 +406,6 @@ def main(argv=None):
             print(f"    | seed {args.seed} (= (c)'s order): {floor[0]:.4f}; others "
                   f"{' '.join(f'{m:.3f}' for m in floor[1:])}", flush=True)
 
-        measure_ceiling("between")
-        label_b = "(b) usual loop" if usual_epochs == args.epochs else \
-            f"(b) usual loop, EXTRAPOLATED from {usual_epochs} of {args.epochs} epochs"
-        print(f"{label_b} ...", flush=True)
-        b = usual_loop(labels, images, args, usual_epochs)
-        loads["b"] = os.getloadavg()[0]
-        if usual_epochs != args.epochs:
-            per_epoch = sum(b["epoch_times"]) / usual_epochs
-            b["wall"] = b["setup"] + per_epoch * args.epochs
-            b["forwards"] = b["forwards"] // usual_epochs * args.epochs
         measure_ceiling("last")
         ceiling = max(ceilings)
 
@@ -433,12 +451,12 @@ def main(argv=None):
           f"{args.batch_size}, {args.image_size}px, {args.backbone} --weights {args.weights}, {args.num_workers} "
           f"workers, seed {args.seed}")
     print(table(headers, rows, ["<", ">", ">", ">", ">", ">", ">", ">"]))
-    print("images/s: images x epochs / wall for (b) and (c); forward images/s for (a), measured first / between (c) "
-          "and (b) / last; % ceiling uses the highest.")
+    print("images/s: images x epochs / wall for (b) and (c); forward images/s for (a), measured first / between (b) "
+          "and (c) / last; % ceiling uses the highest.")
     print("extraction % ceil: (images x 2 views) / extraction time ('extracted N images in Xs') / ceiling; for (b) "
           "its in-loop forward rate (train + val images per epoch / epoch time).")
-    print(f"load: 1-minute load average at the end of the row's measurement ({os.cpu_count()} cores; above ~"
-          f"{os.cpu_count() * 0.6:.1f} other work was running and the row is slowed).")
+    print(f"load: 1-minute load average at the end of the row's measurement; this benchmark alone makes about "
+          f"{torch.get_num_threads()} ({os.cpu_count()} cores): well above that, other work slowed the row.")
 
     print("\nwhere (c) spends its wall time")
     bd = breakdown_rows("(c)", c) + breakdown_rows("(c')", c_warm) + (breakdown_rows("(c'')", c_amp) if c_amp else [])
@@ -454,7 +472,8 @@ def main(argv=None):
             ["min .. max", f"{floor.min():.4f} .. {floor.max():.4f}"],
             ["median |difference| of two seeds", f"{np.median(pairs):.4f}"],
             ["share of seed pairs within 0.01", f"{100 * np.mean(pairs <= 0.01):.0f}%"],
-            ["(b) last mAP, in std from the seed mean", f"{(b['maps'][-1] - floor.mean()) / floor.std(ddof=1):+.2f}"],
+            ["(b) last mAP, in std from the seed mean",
+             fmt((b["maps"][-1] - floor.mean()) / floor.std(ddof=1), "+.2f") if floor.std() > 0 else "-"],
         ], ["<", ">"]))
 
     speedup = b["wall"] / c["wall"]
