@@ -111,6 +111,13 @@ def forward_ceiling(batch_size, image_size=224, backbone="resnet50", seconds=15.
     return batches * batch_size / elapsed, batches
 
 
+def cpu_seconds():
+    """CPU time of this process and its finished children (DataLoader workers): unlike wall time it barely grows
+    when other processes compete for the cores, so ratios of it survive a busy machine better."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def median(values):
     return statistics.median(values)
 
