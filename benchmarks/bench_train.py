@@ -1,8 +1,9 @@
 """Training speed: the project's cached-feature path against the usual loop, on one generated set, in one process.
 
-    python benchmarks/bench_train.py                      # 300 images, 10 epochs, resnet50, --weights none
+    python benchmarks/bench_train.py                      # 300 images, 10 epochs, resnet50, --weights none (~9 min, 2 cores)
+    python benchmarks/bench_train.py --sweep              # also: extraction over workers/threads/batch, and the allocator
     python benchmarks/bench_train.py --usual-epochs 3     # the usual loop for 3 epochs, extrapolated (labelled)
-    python benchmarks/bench_train.py --sweep              # also: extraction with 0/1/2 workers, 1/2 threads, batch 16/32
+    python benchmarks/bench_train.py --backbone efficientnet_lite0 --weights imagenet --no-amp   # a meaningful mAP
     python benchmarks/bench_train.py --n 40 --epochs 2 --ceiling-seconds 3   # a quick look that it runs
 
 Order: (a), (a'), (b), (a) again, (c), (c'), (c''), the mAP noise floor, (a) a third time, the sweep. The usual loop
@@ -15,7 +16,8 @@ Rows of the table:
   (c)   train.main end to end with a cold feature cache (extraction included)
   (c')  the same again on the warm cache (another --lr, so it is a new run, not a copy)
   (c'') train.main --amp (bf16 autocast for the backbone) with its own cold cache
-Random ('none') weights give a near-chance mAP on every path; what matters is that (b) and (c) agree.
+Random ('none') weights give a near-chance mAP on every path and a head that never settles: the noise-floor table
+(the same head training under 20 data orders) shows how far two equally good runs land apart.
 The machine is shared and noisy: read the ratios of one run, not absolute numbers across runs.
 """
 import argparse
