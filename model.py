@@ -104,7 +104,7 @@ def _read_state_dict(path):
                         "give a torchvision-format state dict saved with torch.save") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a checkpoint that wraps its state dict
-        if state.get("format") is None and any(k.startswith("backbone.") for k in state):
+        if any(k.startswith("backbone.") for k in state):
             # One of our own model.pth files: its backbone weights, without the head.
             state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     if not isinstance(state, dict):
