@@ -379,3 +379,14 @@ def test_amp_context_on_cpu():
         assert (a @ b).dtype == torch.bfloat16
     with model.amp_context(torch.device("cpu"), False):
         assert (a @ b).dtype == torch.float32
+
+
+def test_weights_path_can_be_one_of_our_own_checkpoints(tmp_path):
+    # A model.pth from train.py holds {"model": {"backbone.*", "head.*"}}: its backbone is reused, the head is not.
+    torch.manual_seed(1)
+    trained = model.build_model("mobilenet_v3_large", 4, "none", image_size=64)
+    torch.save({"model": trained.state_dict()}, tmp_path / "model.pth")
+    torch.manual_seed(2)
+    loaded = model.build_model("mobilenet_v3_large", 3, str(tmp_path / "model.pth"), image_size=64)
+    torch.testing.assert_close(loaded.backbone.features[0][0].weight, trained.backbone.features[0][0].weight)
+    assert loaded.head.out_features == 3
