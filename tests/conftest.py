@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -12,6 +13,16 @@ import make_sample  # noqa: E402
 
 # Small images keep every backbone forward cheap; the pipeline does not care about the size.
 FAST = ["--weights", "none", "--image-size", "64", "--num-workers", "0", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny convolutions: a second thread gains nothing there, and when
+    other work shares the CPUs, spinning OpenMP threads make such tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

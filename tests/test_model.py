@@ -38,13 +38,8 @@ def _fresh(backbone, unfreeze):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread_and_free_models():
-    # Tiny convolutions gain nothing from a second thread, and when other test runs share the CPUs,
-    # spinning OpenMP threads make these tests several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _free_models(one_thread):
     yield
-    torch.set_num_threads(threads)
     _fresh.cache_clear()
 
 
