@@ -26,7 +26,7 @@ import torch
 
 from data_loader import make_loader
 from dataset import ImageDataset, UserError, eval_transform
-from model import amp_context
+from model import amp_context, fold_batchnorm
 
 CACHE_VERSION = 2
 
@@ -163,7 +163,7 @@ def extract(model, paths, image_size, mean, std, batch_size, num_workers, device
     dataset = ImageDataset(paths, None, eval_transform(image_size, mean, std))
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, device=device)
     model.eval()  # the backbone's BatchNorm must use, never update, its running statistics
-    backbone = model.backbone.to(memory_format=torch.channels_last)
+    backbone = fold_batchnorm(model.backbone).to(memory_format=torch.channels_last)
     with torch.inference_mode():
         for indices, images, errors in loader:
             if images is None:

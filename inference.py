@@ -15,10 +15,27 @@ import sys
 import torch
 
 from dataset import ImageDataset, UserError, eval_transform, list_images, load_image, run_cli
-from model import load_checkpoint, model_from_checkpoint, pick_device
+from model import fold_batchnorm, keep_freed_memory, load_checkpoint, model_from_checkpoint, pick_device
 
 BATCH_SIZE = 32
-NUM_WORKERS = 2
+NUM_WORKERS = "auto"  # DataLoader workers for several images; auto: 2, or 0 on a CPU with 2 cores or fewer, where
+# workers take cores from the forward itself (10-15% slower there, measured by benchmarks/bench_inference.py)
+KEEP_FREED_MEMORY = True  # see train.py
+
+
+def workers_arg(value):
+    if value == "auto":
+        return value
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither auto nor a number") from None
+
+
+def resolve_workers(num_workers, device):
+    if num_workers != "auto":
+        return num_workers
+    return 0 if device.type == "cpu" and (os.cpu_count() or 1) <= 2 else 2
 
 
 def parse_args(argv=None):
@@ -28,8 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, help="one threshold for every attribute (default: the tuned ones)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--num-workers", type=int, default=NUM_WORKERS)
+    p.add_argument("--num-workers", type=workers_arg, default=NUM_WORKERS, help="auto or a number")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=KEEP_FREED_MEMORY,
+                   help="cpu, Linux: reuse freed memory instead of unmapping it (faster forwards, more RAM)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -55,6 +74,8 @@ def predict(model, paths, transform, device, batch_size, num_workers):
         return
     from data_loader import make_loader
 
+    # Batches: the backbone with BatchNorm folded into its convs, as train.py extracts its features.
+    backbone = fold_batchnorm(model.eval().backbone).to(memory_format=torch.channels_last)
     loader = make_loader(ImageDataset(paths, None, transform), batch_size, False,
                          min(num_workers, len(paths) // batch_size + 1), device=device)
     with torch.inference_mode():
@@ -62,7 +83,8 @@ def predict(model, paths, transform, device, batch_size, num_workers):
             probabilities = {}
             if images is not None:
                 x = images.to(device).contiguous(memory_format=torch.channels_last)
-                probabilities = dict(zip(indices.tolist(), torch.sigmoid(model(x)).tolist()))
+                logits = model.head(backbone(x))
+                probabilities = dict(zip(indices.tolist(), torch.sigmoid(logits).tolist()))
             messages = dict(errors)
             for i in sorted(list(probabilities) + list(messages)):
                 yield paths[i], probabilities.get(i), messages.get(i)
@@ -71,6 +93,8 @@ def predict(model, paths, transform, device, batch_size, num_workers):
 def run(args):
     ckpt = load_checkpoint(args.model)
     device = pick_device(args.device)
+    if args.keep_freed_memory:
+        keep_freed_memory(device)
     model = model_from_checkpoint(ckpt, args.model).to(device).to(memory_format=torch.channels_last)
     attributes = ckpt["attributes"]
     thresholds = [args.threshold] * len(attributes) if args.threshold is not None else ckpt["thresholds"]
@@ -80,7 +104,8 @@ def run(args):
         raise UserError(f"no images found in {', '.join(args.images)}")
     single = len(paths) == 1 and not os.path.isdir(args.images[0])
     failures = 0
-    for path, probabilities, error in predict(model, paths, transform, device, args.batch_size, args.num_workers):
+    workers = resolve_workers(args.num_workers, device)
+    for path, probabilities, error in predict(model, paths, transform, device, args.batch_size, workers):
         if error is not None:
             failures += 1
             print(f"error: {error}", file=sys.stderr)

@@ -5,6 +5,7 @@ logits; the sigmoid is applied at prediction time only (BCEWithLogits trains on 
 """
 import os
 import re
+import sys
 import warnings
 
 import torch
@@ -171,6 +172,37 @@ def amp_context(device, enabled):
     if enabled and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
+
+
+def keep_freed_memory(device):
+    """On a CPU under glibc (Linux): big blocks come from the heap and freed memory stays there for reuse, for the
+    rest of this process and the DataLoader workers it starts. By default glibc maps every large activation afresh
+    and unmaps it when freed, so each backbone forward page-faults its memory in again (tens of thousands of
+    faults per image): ResNet50 forwards run 25-45% faster on a 2-core CPU this way, for about 1 GB more peak
+    memory. Elsewhere it does nothing. Returns whether it was applied."""
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 64 * 2**30))
+    except (OSError, AttributeError):  # musl or another libc: keep its defaults
+        return False
+
+
+def fold_batchnorm(backbone):
+    """For forwards of a frozen backbone in eval mode: a copy with every BatchNorm that follows a conv folded into
+    that conv's weights. The same function up to float rounding (about 1e-7 relative), about 7% faster for
+    ResNet50 on a CPU; BatchNorms that do not follow a conv (DenseNet's) stay. The original is untouched, so
+    checkpoints keep the standard layout. A backbone torch.fx cannot trace is returned as it is (only slower)."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(backbone.eval())
+    except Exception:  # tracing failed (data-dependent control flow in some third-party backbone)
+        return backbone
 
 
 def load_checkpoint(path):

@@ -27,7 +27,8 @@ from dataset import (IMAGENET_MEAN, IMAGENET_STD, ImageDataset, Report, UserErro
                      load_dataset, load_image, run_cli, train_transform, eval_transform)
 from loss import LOSSES, make_loss, pos_weights
 from metrics import attribute_metrics, format_table, to_json, tune_threshold, precision_recall_curve
-from model import BACKBONES, CHECKPOINT_FORMAT, amp_context, build_model, load_checkpoint, pick_device
+from model import (BACKBONES, CHECKPOINT_FORMAT, amp_context, build_model, keep_freed_memory, load_checkpoint,
+                   pick_device)
 
 # ---- hyperparameters (each can be overridden: --name value) ----
 LABELS = "labels.txt"  # labels file: image_name v1 .. vK per line, values 1 / 0 / NA
@@ -59,9 +60,11 @@ NUM_WORKERS = 2  # DataLoader worker processes (0: load in the main process)
 DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 CACHE_DIR = ".feature_cache"  # frozen-backbone features kept here between runs (--no-cache: keep none)
 AMP = False  # bf16 autocast for the backbone (cpu or cuda)
+KEEP_FREED_MEMORY = True  # cpu, Linux: reuse freed memory, not unmap it: forwards 25-45% faster, ~1 GB more RAM
 
 # Settings that --resume lets the command line change; all others come from the checkpoint being resumed.
-RESUME_OVERRIDES = {"epochs", "device", "num_workers", "cache_dir", "no_cache", "debug", "resume", "patience"}
+RESUME_OVERRIDES = {"epochs", "device", "num_workers", "cache_dir", "no_cache", "debug", "resume", "patience",
+                    "keep_freed_memory"}
 
 
 def parse_args(argv=None):
@@ -97,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=CACHE_DIR, help="feature cache folder")
     p.add_argument("--no-cache", action="store_true", help="keep extracted features in memory only")
     p.add_argument("--amp", action="store_true", default=AMP, help="bf16 autocast for the backbone")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=KEEP_FREED_MEMORY,
+                   help="cpu, Linux: reuse freed memory instead of unmapping it (faster forwards, more RAM)")
     p.add_argument("--strict", action="store_true", help="every warning about the input is an error")
     p.add_argument("--resume", metavar="FILE", help="continue from a last checkpoint (model_last.pth)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -460,7 +465,9 @@ def run(args):
     reason = "frozen backbone, flip-only augmentation" if cached else \
         ("--unfreeze last" if args.unfreeze != "none" else "--augment strong")
     device = pick_device(args.device)
-    log(f"path: {'cached features' if cached else 'full loop'} ({reason}); device {device}; "
+    kept = args.keep_freed_memory and keep_freed_memory(device)
+    log(f"path: {'cached features' if cached else 'full loop'} ({reason}); device {device}"
+        f"{' (freed memory kept for reuse)' if kept else ''}; "
         f"backbone {args.backbone} ({args.weights if not resumed else 'resumed'})")
     seed_everything(args.seed)
 

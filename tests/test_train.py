@@ -198,3 +198,23 @@ def test_val_fraction_zero_trains_on_everything_and_keeps_the_last_epoch(tiny_se
     assert ckpt["epoch"] == 2 and ckpt["thresholds"] == [0.5] * 4 and ckpt["val_map"] is None
     assert not (tmp_path / "metrics.png").exists() and not (tmp_path / "val_labels.txt").exists()
     assert json.load(open(tmp_path / "metrics.json"))["best_epoch"] == 2
+
+
+def test_batched_inference_equals_one_image_at_a_time(tiny_set, tmp_path, capsys):
+    # Batches go through the backbone with BatchNorm folded into its convs; one image through the model as saved.
+    assert train.main(train_args(tiny_set, tmp_path, "--backbone", "resnet50")) == 0
+    assert "(freed memory kept for reuse)" in capsys.readouterr().out.splitlines()[0]
+    model_path = str(tmp_path / "model.pth")
+    images = [os.path.join(tiny_set[1], f"img_000{i}.jpg") for i in (1, 2, 3)]
+    assert inference.main([*images, "--model", model_path, "--json", "--num-workers", "0"]) == 0
+    batched = [json.loads(line)["probabilities"] for line in capsys.readouterr().out.splitlines()]
+    for image, together in zip(images, batched):
+        assert inference.main([image, "--model", model_path, "--json", "--no-keep-freed-memory"]) == 0
+        alone = json.loads(capsys.readouterr().out)["probabilities"]
+        assert alone == pytest.approx(together, abs=1e-5)
+
+
+def test_no_keep_freed_memory_is_said_in_the_first_line(tiny_set, tmp_path, capsys):
+    assert train.main(train_args(tiny_set, tmp_path, "--no-keep-freed-memory", "--val-fraction", "0")) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("path: cached features") and "freed memory" not in first
