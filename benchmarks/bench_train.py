@@ -1,16 +1,21 @@
 """Training speed: the project's cached-feature path against the usual loop, on one generated set, in one process.
 
     python benchmarks/bench_train.py                      # 300 images, 10 epochs, resnet50, --weights none (~9 min, 2 cores)
-    python benchmarks/bench_train.py --sweep              # also: extraction over workers/threads/batch, and the allocator
+    python benchmarks/bench_train.py --sweep              # also: extraction over workers/threads/batch
     python benchmarks/bench_train.py --usual-epochs 3     # the usual loop for 3 epochs, extrapolated (labelled)
     python benchmarks/bench_train.py --backbone efficientnet_lite0 --weights imagenet --no-amp   # a meaningful mAP
     python benchmarks/bench_train.py --n 40 --epochs 2 --ceiling-seconds 3   # a quick look that it runs
 
-Order: (a), (a'), (b), (a) again, (c), (c'), (c''), the mAP noise floor, (a) a third time, the sweep. The usual loop
-runs before train.main so that nothing train.main changes process-wide (threads, allocator) helps it.
+Order: (a), (n), (a'), (b), (a) again, (c), (c'), (c''), the mAP noise floor, (a*), (n*), (f*), the sweep. The usual
+loop runs before train.main so that nothing train.main changes process-wide (threads, the allocator: train.py keeps
+freed memory for reuse, model.keep_freed_memory) helps it; (n) and (n*) say how much that setting would give it.
 
 Rows of the table:
-  (a)   the machine's forward ceiling: the backbone alone on random batches, channels_last fp32, inference_mode
+  (a)   the machine's forward ceiling: the backbone alone on random batches, channels_last fp32, inference_mode,
+        glibc's default allocator settings
+  (a*)  the same after train.main, i.e. with freed memory kept as train.py runs; % ceiling uses the highest (a)/(a*)
+  (n)   the same forward in NCHW, the usual loop's layout, default allocator; (n*) with freed memory kept
+  (f*)  what the extraction runs: channels_last, BatchNorm folded into the convs, freed memory kept (info)
   (b)   the usual loop: DataLoader + Resize/RandomHorizontalFlip + the full model (NCHW fp32) every epoch,
         a validation pass every epoch; same model, split, loss, optimizer, lr, seed as train.py
   (c)   train.main end to end with a cold feature cache (extraction included)
@@ -33,7 +38,7 @@ import time
 
 import numpy as np
 
-from common import cpu_seconds, fmt, forward_ceiling, keep_heap, load_average, machine_lines, make_set, table, wait_for_quiet
+from common import cpu_seconds, fmt, forward_ceiling, load_average, machine_lines, make_set, table, wait_for_quiet
 
 import torch  # noqa: E402  (after common, which puts the repo root on sys.path)
 
@@ -249,7 +254,7 @@ def breakdown_rows(name, r):
 
 def sweep(paths, args, ceiling):
     """Extraction (feature_cache.extract, both views) of the first sweep_n images under several settings,
-    best of two runs each."""
+    best of two runs each. It runs last, under the process settings train.main made (freed memory kept)."""
     paths = paths[:args.sweep_n]
     torch.manual_seed(args.seed)
     model = build_model(args.backbone, 4, "none", "none", args.image_size)
@@ -280,26 +285,6 @@ def sweep(paths, args, ceiling):
         rows.append([f"extract: workers {workers}, torch threads {threads}, batch {batch} (forward {2 * batch})",
                      workers, threads, batch, fmt(rate), fmt(100 * rate / ceiling, ".0f") + "%"])
         print(f"    | sweep {rows[-1][0]}: {rate:.1f} forwards/s", flush=True)
-    for heap in (False, True):
-        # Last, because keep_heap() cannot be undone: glibc's mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=64 GiB).
-        if heap and not keep_heap():
-            break
-        note = ", glibc keep_heap()" if heap else ""
-        for batch in (args.batch_size, 2 * args.batch_size):
-            rate, _ = forward_ceiling(batch, args.image_size, args.backbone, seconds=max(args.ceiling_seconds / 2, 2))
-            rows.append([f"forward only, random input, batch {batch}{note}", "-", default_threads, batch, fmt(rate),
-                         fmt(100 * rate / ceiling, ".0f") + "%"])
-            print(f"    | sweep {rows[-1][0]}: {rate:.1f} images/s", flush=True)
-        if heap:
-            started = time.perf_counter()
-            for _ in feature_cache.extract(model, paths, args.image_size, IMAGENET_MEAN, IMAGENET_STD, args.batch_size,
-                                           args.num_workers, torch.device("cpu"), False):
-                pass
-            rate = 2 * len(paths) / (time.perf_counter() - started)
-            rows.append([f"extract: workers {args.num_workers}, torch threads {default_threads}, batch "
-                         f"{args.batch_size}{note}", args.num_workers, default_threads, args.batch_size, fmt(rate),
-                         fmt(100 * rate / ceiling, ".0f") + "%"])
-            print(f"    | sweep {rows[-1][0]}: {rate:.1f} forwards/s", flush=True)
     return table(["setting", "workers", "threads", "batch", "forwards/s", "% ceiling"], rows)
 
 
@@ -364,14 +349,18 @@ def main(argv=None):
     print("\n".join(machine_lines()), flush=True)
     print(f"setup     {args.n} images, {args.epochs} epochs, batch {args.batch_size}, {args.image_size}px, "
           f"{args.backbone} --weights {args.weights}, {args.num_workers} workers, seed {args.seed}", flush=True)
-    ceilings, loads = [], {}  # loads: 1-minute load average at the end of each measurement
+    ceilings, loads = {}, {}  # row -> images/s measurements; loads: 1-minute load average at each row's end
+
+    def measure(row, what, **options):
+        print(f"{row} forward, {what} ...", flush=True)
+        rate, batches = forward_ceiling(args.batch_size, args.image_size, args.backbone, args.ceiling_seconds,
+                                        **options)
+        ceilings.setdefault(row, []).append(rate)
+        loads.setdefault(row, []).append(os.getloadavg()[0])
+        print(f"    | {rate:.2f} images/s over {batches} batches; load {loads[row][-1]:.2f}", flush=True)
 
     def measure_ceiling(when):
-        print(f"(a) forward ceiling, fp32 channels_last ({when}) ...", flush=True)
-        rate, batches = forward_ceiling(args.batch_size, args.image_size, args.backbone, args.ceiling_seconds)
-        ceilings.append(rate)
-        loads.setdefault("a", []).append(os.getloadavg()[0])
-        print(f"    | {rate:.2f} images/s over {batches} batches; load {loads['a'][-1]:.2f}", flush=True)
+        measure("(a)", f"fp32 channels_last, default allocator ({when})")
 
     work = tempfile.mkdtemp(prefix="bench_train-")
     try:
@@ -380,13 +369,11 @@ def main(argv=None):
         n = len(paths)
 
         measure_ceiling("first")
+        measure("(n)", "fp32 NCHW, default allocator", channels_last=False)
         ceiling_bf16 = None
         if not args.no_amp:
-            print("(a') forward ceiling, bf16 autocast channels_last ...", flush=True)
-            ceiling_bf16, batches = forward_ceiling(args.batch_size, args.image_size, args.backbone,
-                                                    args.ceiling_seconds, amp=True)
-            loads["a'"] = os.getloadavg()[0]
-            print(f"    | {ceiling_bf16:.2f} images/s over {batches} batches", flush=True)
+            measure("(a')", "bf16 autocast channels_last, default allocator", amp=True)
+            ceiling_bf16 = ceilings["(a')"][0]
 
         label_b = "(b) usual loop" if usual_epochs == args.epochs else \
             f"(b) usual loop, EXTRAPOLATED from {usual_epochs} of {args.epochs} epochs"
@@ -420,8 +407,12 @@ def main(argv=None):
             print(f"    | seed {args.seed} (= (c)'s order): {floor[0]:.4f}; others "
                   f"{' '.join(f'{m:.3f}' for m in floor[1:])}", flush=True)
 
-        measure_ceiling("last")
-        ceiling = max(ceilings)
+        kept = "(freed memory kept for reuse)" in c["log"].splitlines()[0]
+        memory = "freed memory kept" if kept else "default allocator (train.py did not keep freed memory)"
+        measure("(a*)", f"fp32 channels_last, {memory}")
+        measure("(n*)", f"fp32 NCHW, {memory}", channels_last=False)
+        measure("(f*)", f"fp32 channels_last, BatchNorm folded, {memory}", fold=True)
+        ceiling = max(ceilings["(a)"] + ceilings["(a*)"])
 
         sweep_table = sweep(paths, args, ceiling) if args.sweep else None
     finally:
@@ -437,12 +428,17 @@ def main(argv=None):
         return f"{maps[-1]:.4f} (best {max(maps):.4f} @{best})"
 
     b_rate = b["forwards"] / (b["wall"] - b["setup"])  # train + val forwards per second of epoch time
-    rows = [["(a) ceiling: backbone forward, fp32 channels_last", fmt(args.ceiling_seconds, ".0f"), "-",
-             " / ".join(f"{r:.2f}" for r in ceilings), "-", "-", "-", "-", "100%",
-             " / ".join(f"{x:.1f}" for x in loads["a"])]]
-    if ceiling_bf16:
-        rows.append(["(a') ceiling: backbone forward, bf16 autocast", fmt(args.ceiling_seconds, ".0f"), "-",
-                     fmt(ceiling_bf16, ".2f"), "-", "-", "-", "-", pct(ceiling_bf16), fmt(loads["a'"])])
+    forward_rows = [
+        ("(a)", "(a) ceiling: backbone forward, fp32 channels_last (first / between)"),
+        ("(n)", "(n) backbone forward, fp32 NCHW (the layout of (b))"),
+        ("(a')", "(a') backbone forward, bf16 autocast channels_last"),
+        ("(a*)", "(a*) ceiling, after train.main: freed memory kept"),
+        ("(n*)", "(n*) backbone forward, fp32 NCHW, freed memory kept"),
+        ("(f*)", "(f*) backbone, BatchNorm folded, channels_last, freed memory kept"),
+    ]
+    rows = [[label, fmt(args.ceiling_seconds, ".0f"), "-", " / ".join(f"{r:.2f}" for r in ceilings[key]), "-", "-",
+             "-", "-", pct(max(ceilings[key])), " / ".join(f"{x:.1f}" for x in loads[key])]
+            for key, label in forward_rows if key in ceilings]
     rows.append([label_b + " (NCHW fp32)", fmt(b["wall"]), fmt(b["cpu"]), fmt(image_epochs / b["wall"], ".2f"),
                  map_cell(b["maps"]), "-", "1.00x", "1.00x", pct(b_rate) + " (loop fwd)", f"{loads['b']:.1f}"])
 
@@ -465,8 +461,8 @@ def main(argv=None):
           f"{args.batch_size}, {args.image_size}px, {args.backbone} --weights {args.weights}, {args.num_workers} "
           f"workers, seed {args.seed}")
     print(table(headers, rows, ["<"] + [">"] * (len(headers) - 1)))
-    print("images/s: images x epochs / wall for (b) and (c); forward images/s for (a), measured first / between (b) "
-          "and (c) / last; % ceiling uses the highest.")
+    print("images/s: images x epochs / wall for (b) and (c); forward images/s for the forward rows ((a): first / "
+          "between (b) and (c)); % ceiling: of the highest (a) or (a*).")
     print("extraction % ceil: forwards (image views: 2 per training image, 1 per validation image) / extraction "
           "time, both from train.py's log, / ceiling; for (b) its in-loop forward rate (train + val images per epoch "
           "/ epoch time).")
@@ -505,6 +501,14 @@ def main(argv=None):
     ]
     for what, value, ok in checks:
         print(f"  {'PASS' if ok else 'FAIL'}  {what}: {value}")
+    if "(n*)" in ceilings:
+        # What (b) would take if it kept freed memory too: its epochs sped up by the NCHW forward's gain.
+        gain = max(ceilings["(n*)"]) / max(ceilings["(n)"])
+        b_kept = b["setup"] + (b["wall"] - b["setup"]) / gain
+        print(f"  info  the usual loop with freed memory kept too (estimated, epochs x (n)/(n*) = 1/{gain:.2f}): "
+              f"{b_kept:.1f}s, {b_kept / c['wall']:.2f}x the wall time of (c)")
+        print(f"  info  extraction {extraction_rate:.2f} forwards/s = {100 * extraction_rate / max(ceilings['(f*)']):.0f}% "
+              f"of the folded forward (f*) it runs")
     if c_amp:
         amp_rate = c_amp["forwards"] / c_amp["extract_s"]
         print(f"  info  --amp: extraction {amp_rate:.2f} vs {extraction_rate:.2f} forwards/s fp32 "

@@ -51,20 +51,6 @@ def wait_for_quiet(max_seconds, below=1.0):
     return os.getloadavg()[0]
 
 
-def keep_heap():
-    """glibc only, process-wide and for good: big blocks from the heap instead of fresh mmap()s, and freed memory
-    kept. Every forward otherwise page-faults its activations in again (tens of thousands of faults per image).
-    Returns whether it was applied."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 64 * 2**30))
-    except (OSError, AttributeError):
-        return False
-
-
 def machine_lines():
     import torchvision
 
@@ -94,12 +80,18 @@ def backbone_module(name="resnet50", image_size=224):
     return build_model(name, 4, "none", "none", image_size).backbone.eval()
 
 
-def forward_ceiling(batch_size, image_size=224, backbone="resnet50", seconds=15.0, amp=False, net=None):
-    """Images/s of backbone forwards on random input: channels_last fp32 (or bf16 autocast with amp),
+def forward_ceiling(batch_size, image_size=224, backbone="resnet50", seconds=15.0, amp=False, net=None,
+                    channels_last=True, fold=False):
+    """Images/s of backbone forwards on random input: channels_last (or NCHW) fp32 (or bf16 autocast with amp),
     eval, inference_mode, one warm-up batch, then timed batches until `seconds` have passed (at least 2).
-    Returns (images per second, batches timed)."""
-    net = (net or backbone_module(backbone, image_size)).to(memory_format=torch.channels_last)
-    x = torch.randn(batch_size, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
+    fold: the product's model.fold_batchnorm copy. Returns (images per second, batches timed)."""
+    from model import fold_batchnorm
+
+    net = net or backbone_module(backbone, image_size)
+    net = fold_batchnorm(net) if fold else net
+    fmt_ = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(memory_format=fmt_)
+    x = torch.randn(batch_size, 3, image_size, image_size).contiguous(memory_format=fmt_)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
     with torch.inference_mode(), autocast:
         net(x)  # warm-up: oneDNN picks its kernels and the allocator grows
