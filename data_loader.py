@@ -1,4 +1,6 @@
 """Train/validation split (multi-label iterative stratification, NA-aware) and DataLoaders."""
+import argparse
+import os
 import random
 
 import numpy as np
@@ -104,6 +106,24 @@ def _seed_worker(worker_id):
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def workers_arg(value):
+    """argparse type of --num-workers: auto or a number."""
+    if value == "auto":
+        return value
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither auto nor a number") from None
+
+
+def resolve_workers(num_workers, device):
+    """auto: 2 DataLoader workers, or none on a CPU with 2 cores or fewer. There the workers take cores from the
+    forward itself, and decoding in the main process is faster (measured: benchmarks/bench_train.py --sweep)."""
+    if num_workers != "auto":
+        return num_workers
+    return 0 if device.type == "cpu" and (os.cpu_count() or 1) <= 2 else 2
 
 
 def make_loader(dataset, batch_size, shuffle, num_workers, seed=0, device=None):

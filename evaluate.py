@@ -12,7 +12,8 @@ import sys
 import numpy as np
 
 from dataset import Report, UserError, eval_transform, load_dataset, run_cli
-from inference import KEEP_FREED_MEMORY, NUM_WORKERS, predict, resolve_workers, workers_arg
+from data_loader import resolve_workers, workers_arg
+from inference import KEEP_FREED_MEMORY, NUM_WORKERS, predict
 from metrics import attribute_metrics, format_table, to_json
 from model import keep_freed_memory, load_checkpoint, model_from_checkpoint, pick_device
 

@@ -14,28 +14,13 @@ import sys
 
 import torch
 
+from data_loader import resolve_workers, workers_arg
 from dataset import ImageDataset, UserError, eval_transform, list_images, load_image, run_cli
 from model import fold_batchnorm, keep_freed_memory, load_checkpoint, model_from_checkpoint, pick_device
 
 BATCH_SIZE = 32
-NUM_WORKERS = "auto"  # DataLoader workers for several images; auto: 2, or 0 on a CPU with 2 cores or fewer, where
-# workers take cores from the forward itself (10-15% slower there, measured by benchmarks/bench_inference.py)
+NUM_WORKERS = "auto"  # DataLoader workers for several images; auto: 2, or 0 on a CPU with 2 cores or fewer
 KEEP_FREED_MEMORY = True  # see train.py
-
-
-def workers_arg(value):
-    if value == "auto":
-        return value
-    try:
-        return max(0, int(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is neither auto nor a number") from None
-
-
-def resolve_workers(num_workers, device):
-    if num_workers != "auto":
-        return num_workers
-    return 0 if device.type == "cpu" and (os.cpu_count() or 1) <= 2 else 2
 
 
 def parse_args(argv=None):

@@ -22,7 +22,7 @@ from copy import deepcopy
 import numpy as np
 import torch
 
-from data_loader import make_loader, seed_everything, split_indices
+from data_loader import make_loader, resolve_workers, seed_everything, split_indices, workers_arg
 from dataset import (IMAGENET_MEAN, IMAGENET_STD, ImageDataset, Report, UserError, format_counts, label_counts,
                      load_dataset, load_image, run_cli, train_transform, eval_transform)
 from loss import LOSSES, make_loss, pos_weights
@@ -56,7 +56,7 @@ IMAGE_SIZE = 224  # images are resized to IMAGE_SIZE x IMAGE_SIZE
 VAL_FRACTION = 0.2  # held out (iterative stratification); 0 trains on everything
 PATIENCE = 10  # stop when validation mAP has not improved for this many epochs (0: never)
 SEED = 0  # seeds python, numpy, torch, the split and the DataLoader workers
-NUM_WORKERS = 2  # DataLoader worker processes (0: load in the main process)
+NUM_WORKERS = "auto"  # DataLoader worker processes; auto: 2, or 0 (the main process) on a CPU with <= 2 cores
 DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 CACHE_DIR = ".feature_cache"  # frozen-backbone features kept here between runs (--no-cache: keep none)
 AMP = False  # bf16 autocast for the backbone (cpu or cuda)
@@ -95,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
     p.add_argument("--patience", type=int, default=PATIENCE)
     p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--num-workers", type=int, default=NUM_WORKERS)
+    p.add_argument("--num-workers", type=workers_arg, default=NUM_WORKERS, help="auto or a number")
     p.add_argument("--device", default=DEVICE, choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--cache-dir", default=CACHE_DIR, help="feature cache folder")
     p.add_argument("--no-cache", action="store_true", help="keep extracted features in memory only")
@@ -466,8 +466,9 @@ def run(args):
         ("--unfreeze last" if args.unfreeze != "none" else "--augment strong")
     device = pick_device(args.device)
     kept = args.keep_freed_memory and keep_freed_memory(device)
+    workers = resolve_workers(args.num_workers, device)
     log(f"path: {'cached features' if cached else 'full loop'} ({reason}); device {device}"
-        f"{' (freed memory kept for reuse)' if kept else ''}; "
+        f"{' (freed memory kept for reuse)' if kept else ''}, {workers} loader workers; "
         f"backbone {args.backbone} ({args.weights if not resumed else 'resumed'})")
     seed_everything(args.seed)
 
@@ -505,7 +506,7 @@ def run(args):
         if cached:
             mirror = np.zeros(len(paths), dtype=bool)
             mirror[train_idx] = True  # validation uses the unflipped view only
-            features, rows, ok = cached_features_for(model, paths, args, device, report, stop, mirror)
+            features, rows, ok = cached_features_for(model, paths, args, device, workers, report, stop, mirror)
             if stop.requested:
                 log("interrupted during feature extraction: the features extracted so far are cached; nothing trained")
                 return 130
@@ -515,10 +516,10 @@ def run(args):
             ok = readable_images(paths, report)
             train_idx, val_idx = train_idx[ok[train_idx]], val_idx[ok[val_idx]]
             transform = train_transform(args.image_size, augment=args.augment)
-            train_loader = make_loader(Subset(paths, train_idx, transform), args.batch_size, True, args.num_workers,
+            train_loader = make_loader(Subset(paths, train_idx, transform), args.batch_size, True, workers,
                                        args.seed, device)
             val_loader = make_loader(Subset(paths, val_idx, eval_transform(args.image_size)), args.batch_size, False,
-                                     args.num_workers, args.seed, device)
+                                     workers, args.seed, device)
             steps_per_epoch = len(train_loader)
         if len(train_idx) == 0:
             raise UserError(f"{args.labels}: no training image could be read")
@@ -642,11 +643,11 @@ def finish_metrics(args, outputs, state, best, attributes, table, val_idx, targe
         log(f"warnings: {report.total} ({', '.join(f'{n} {r}' for r, n in report.counts.items())})")
 
 
-def cached_features_for(model, paths, args, device, report, stop, mirror):
+def cached_features_for(model, paths, args, device, workers, report, stop, mirror):
     from feature_cache import cached_features
 
     return cached_features(model, args.backbone, paths, args.image_size, IMAGENET_MEAN, IMAGENET_STD,
-                           None if args.no_cache else args.cache_dir, args.batch_size, args.num_workers, device,
+                           None if args.no_cache else args.cache_dir, args.batch_size, workers, device,
                            args.amp, report.warn, log, Progress, lambda: stop.requested, mirror)
 
 

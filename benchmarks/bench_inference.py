@@ -31,6 +31,7 @@ from common import ROOT, fmt, forward_ceiling, load_average, machine_lines, make
 import torch  # noqa: E402
 
 import inference  # noqa: E402
+from data_loader import resolve_workers, workers_arg  # noqa: E402
 import train  # noqa: E402
 from dataset import eval_transform  # noqa: E402
 from model import keep_freed_memory, load_checkpoint, model_from_checkpoint  # noqa: E402
@@ -70,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--folder-n", type=int, default=128, help="images in the folder run")
     p.add_argument("--folder-runs", type=int, default=2, help="folder runs (the best is reported)")
     p.add_argument("--batch-size", type=int, default=inference.BATCH_SIZE)
-    p.add_argument("--num-workers", type=inference.workers_arg, default=inference.NUM_WORKERS,
+    p.add_argument("--num-workers", type=workers_arg, default=inference.NUM_WORKERS,
                    help="as inference.py's (auto: what it picks on this machine)")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                    help="first wait up to S seconds for the 1-minute load average to drop below 1")
@@ -118,7 +119,7 @@ def predict_rate(model_path, paths, args, workers):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.num_workers = inference.resolve_workers(args.num_workers, torch.device("cpu"))
+    args.num_workers = resolve_workers(args.num_workers, torch.device("cpu"))
     total_started = time.perf_counter()
     if args.wait_quiet:
         print(f"waiting up to {args.wait_quiet:.0f}s for a quiet machine: load {wait_for_quiet(args.wait_quiet):.2f}",

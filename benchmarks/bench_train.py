@@ -16,8 +16,8 @@ Rows of the table:
   (a*)  the same after train.main, i.e. with freed memory kept as train.py runs; % ceiling uses the highest (a)/(a*)
   (n)   the same forward in NCHW, the usual loop's layout, default allocator; (n*) with freed memory kept
   (f*)  what the extraction runs: channels_last, BatchNorm folded into the convs, freed memory kept (info)
-  (b)   the usual loop: DataLoader + Resize/RandomHorizontalFlip + the full model (NCHW fp32) every epoch,
-        a validation pass every epoch; same model, split, loss, optimizer, lr, seed as train.py
+  (b)   the usual loop: DataLoader (the same --num-workers) + Resize/RandomHorizontalFlip + the full model (NCHW
+        fp32) every epoch, a validation pass every epoch; same model, split, loss, optimizer, lr, seed as train.py
   (c)   train.main end to end with a cold feature cache (extraction included)
   (c')  the same again on the warm cache (another --lr, so it is a new run, not a copy)
   (c'') train.main --amp (bf16 autocast for the backbone) with its own cold cache
@@ -44,7 +44,7 @@ import torch  # noqa: E402  (after common, which puts the repo root on sys.path)
 
 import feature_cache  # noqa: E402
 import train  # noqa: E402
-from data_loader import seed_everything, split_indices  # noqa: E402
+from data_loader import resolve_workers, seed_everything, split_indices, workers_arg  # noqa: E402
 from dataset import (IMAGENET_MEAN, IMAGENET_STD, ImageDataset, Report, collate, eval_transform,  # noqa: E402
                      load_dataset, load_image, train_transform)
 from loss import make_loss, pos_weights  # noqa: E402
@@ -64,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--weights", default="none", help="none (the issue's setting) | imagenet (e.g. with --backbone "
                                                     "efficientnet_lite0, offline) : pretrained features make mAP meaningful")
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=workers_arg, default=train.NUM_WORKERS,
+                   help="for (b) and (c) alike; auto: what train.py picks on this machine")
     p.add_argument("--seed", type=int, default=train.SEED)
     p.add_argument("--data-seed", type=int, default=1234, help="make_sample seed")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
@@ -341,6 +342,7 @@ def noise_floor(labels, images, args, cache_dir, seeds):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.num_workers = resolve_workers(args.num_workers, torch.device("cpu"))
     usual_epochs = args.usual_epochs or args.epochs
     total_started = time.perf_counter()
     if args.wait_quiet:

@@ -1,4 +1,5 @@
 """data_loader.py: NA-aware stratified split, seeding, and loaders that drop unreadable images."""
+import argparse
 import random
 
 import numpy as np
@@ -6,7 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data_loader import make_loader, seed_everything, split_indices
+import data_loader as data_loader_module
+import inference
+import train
+from data_loader import make_loader, resolve_workers, seed_everything, split_indices, workers_arg
 from dataset import ImageDataset, UserError, collate, eval_transform, train_transform
 
 
@@ -175,3 +179,21 @@ def test_random_augmentation_in_workers_repeats_with_the_seed(image_folder):
         return torch.cat([b[1] for b in batches(make_loader(dataset, 2, False, num_workers=2, seed=4))])
 
     assert torch.equal(run(), run())
+
+
+# ---- --num-workers auto ----
+
+@pytest.mark.parametrize("cores,device,expected", [(1, "cpu", 0), (2, "cpu", 0), (4, "cpu", 2), (16, "cpu", 2),
+                                                   (2, "cuda", 2), (2, "mps", 2)])
+def test_auto_workers_leave_a_two_core_cpu_to_the_forward(monkeypatch, cores, device, expected):
+    monkeypatch.setattr(data_loader_module.os, "cpu_count", lambda: cores)
+    assert resolve_workers("auto", torch.device(device)) == expected
+    assert resolve_workers(3, torch.device(device)) == 3  # a number given is used as it is
+
+
+def test_num_workers_is_auto_or_a_number():
+    for parse in (lambda a: inference.parse_args(["a.jpg", *a]), train.parse_args):
+        assert parse([]).num_workers == "auto"
+        assert parse(["--num-workers", "1"]).num_workers == 1
+    with pytest.raises(argparse.ArgumentTypeError, match="neither auto nor a number"):
+        workers_arg("many")
