@@ -178,8 +178,8 @@ def keep_freed_memory(device):
     """On a CPU under glibc (Linux): big blocks come from the heap and freed memory stays there for reuse, for the
     rest of this process and the DataLoader workers it starts. By default glibc maps every large activation afresh
     and unmaps it when freed, so each backbone forward page-faults its memory in again (tens of thousands of
-    faults per image): ResNet50 forwards run 25-45% faster on a 2-core CPU this way, for about 1 GB more peak
-    memory. Elsewhere it does nothing. Returns whether it was applied."""
+    faults per image): ResNet50 forwards ran 1.1-1.5x faster on a 2-core CPU this way, for about 0.8 GB more
+    peak memory (README, Speed). Elsewhere it does nothing. Returns whether it was applied."""
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return False
     import ctypes
@@ -194,8 +194,8 @@ def keep_freed_memory(device):
 
 def fold_batchnorm(backbone):
     """For forwards of a frozen backbone in eval mode: a copy with every BatchNorm that follows a conv folded into
-    that conv's weights. The same function up to float rounding (about 1e-7 relative), about 7% faster for
-    ResNet50 on a CPU; BatchNorms that do not follow a conv (DenseNet's) stay. The original is untouched, so
+    that conv's weights. The same function up to float rounding (about 1e-7 relative), 4-17% faster for
+    ResNet50 on a 2-core CPU; BatchNorms that do not follow a conv (DenseNet's) stay. The original is untouched, so
     checkpoints keep the standard layout. A backbone torch.fx cannot trace is returned as it is (only slower)."""
     from torch.fx.experimental.optimization import fuse
 
