@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from data_loader import resolve_workers, workers_arg
+from data_loader import make_loader, resolve_workers, workers_arg
 from dataset import ImageDataset, UserError, eval_transform, list_images, load_image, run_cli
 from model import fold_batchnorm, keep_freed_memory, load_checkpoint, model_from_checkpoint, pick_device
 
@@ -57,8 +57,6 @@ def predict(model, paths, transform, device, batch_size, num_workers):
         with torch.inference_mode():
             yield paths[0], torch.sigmoid(model(x.to(device).contiguous(memory_format=torch.channels_last)))[0].tolist(), None
         return
-    from data_loader import make_loader
-
     # Batches: the backbone with BatchNorm folded into its convs, as train.py extracts its features.
     backbone = fold_batchnorm(model.eval().backbone).to(memory_format=torch.channels_last)
     loader = make_loader(ImageDataset(paths, None, transform), batch_size, False,

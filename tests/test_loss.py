@@ -137,12 +137,17 @@ def test_focal_hand_computed():
     assert loss.item() == pytest.approx(0.147194, abs=1e-6)
 
 
-def test_focal_gamma0_alpha_half_is_half_bce():
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(5, 3, generator=g) * 2
+def random_cells(seed, scale, second):
+    """Seeded (5, 3) logits and targets with at least one NA cell and cell (1, 1) set to `second`; pos_weight."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(5, 3, generator=g) * scale
     targets = torch.randint(-1, 2, (5, 3), generator=g)
-    targets[0, 0], targets[1, 1] = -1, 1
-    pw = torch.tensor([0.3, 1.0, 4.0])
+    targets[0, 0], targets[1, 1] = -1, second
+    return logits, targets, torch.tensor([0.3, 1.0, 4.0])
+
+
+def test_focal_gamma0_alpha_half_is_half_bce():
+    logits, targets, pw = random_cells(1, 2, 1)
     focal = MaskedFocal(pw, gamma=0.0, alpha=0.5)(logits, targets)
     bce = MaskedBCE(pw)(logits, targets)
     assert focal.item() == pytest.approx(0.5 * bce.item(), rel=1e-6)
@@ -178,11 +183,7 @@ def test_asymmetric_easy_negative_contributes_exactly_zero():
 
 
 def test_asymmetric_without_focusing_or_clip_is_bce():
-    g = torch.Generator().manual_seed(2)
-    logits = torch.randn(5, 3, generator=g) * 3
-    targets = torch.randint(-1, 2, (5, 3), generator=g)
-    targets[0, 0], targets[1, 1] = -1, 0
-    pw = torch.tensor([0.3, 1.0, 4.0])
+    logits, targets, pw = random_cells(2, 3, 0)
     asl = MaskedAsymmetric(pw, gamma_neg=0.0, gamma_pos=0.0, clip=0.0)(logits, targets)
     bce = MaskedBCE(pw)(logits, targets)
     assert asl.item() == pytest.approx(bce.item(), rel=1e-6)
