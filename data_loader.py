@@ -113,9 +113,12 @@ def workers_arg(value):
     if value == "auto":
         return value
     try:
-        return max(0, int(value))
+        number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is neither auto nor a number") from None
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither auto nor a number of 0 or more")
+    return number
 
 
 def resolve_workers(num_workers, device):

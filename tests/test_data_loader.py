@@ -195,5 +195,6 @@ def test_num_workers_is_auto_or_a_number():
     for parse in (lambda a: inference.parse_args(["a.jpg", *a]), train.parse_args):
         assert parse([]).num_workers == "auto"
         assert parse(["--num-workers", "1"]).num_workers == 1
-    with pytest.raises(argparse.ArgumentTypeError, match="neither auto nor a number"):
-        workers_arg("many")
+    for bad in ("many", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="neither auto nor a number"):
+            workers_arg(bad)
