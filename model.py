@@ -186,8 +186,9 @@ def keep_freed_memory(device):
 
     try:
         libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # an int parameter: a bigger value would wrap around
         m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 64 * 2**30))
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):  # musl or another libc: keep its defaults
         return False
 
