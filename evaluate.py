@@ -36,6 +36,8 @@ def parse_args(argv=None):
 
 
 def run(args):
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
     ckpt = load_checkpoint(args.model)
     attributes = ckpt["attributes"]
     report = Report(strict=args.strict)

@@ -74,6 +74,8 @@ def predict(model, paths, transform, device, batch_size, num_workers):
 
 
 def run(args):
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
     ckpt = load_checkpoint(args.model)
     device = pick_device(args.device)
     if args.keep_freed_memory:

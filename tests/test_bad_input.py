@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
 import inference
 import make_sample
 import train
@@ -657,3 +658,13 @@ def test_output_path_naming_a_folder_that_does_not_exist(tiny_set, tmp_path, fla
     else:
         assert rc == 0, stderr
         assert os.listdir(tmp_path / "runs"), "nothing written into the folder"
+
+
+@pytest.mark.parametrize("script", ["inference", "evaluate"])
+def test_batch_size_zero_is_one_line_not_a_traceback(mixed, model_path, script):
+    module = {"inference": inference, "evaluate": evaluate}[script]
+    images = [os.path.join(mixed["images"], "img_0001.jpg"), os.path.join(mixed["images"], "img_0002.jpg")]
+    argv = images if script == "inference" else ["--labels", mixed["labels"], "--images", mixed["images"]]
+    rc, stdout, stderr = call(module, [*argv, "--model", model_path, "--batch-size", "0"])
+    assert rc == 2 and error_lines(stderr) == ["error: --batch-size must be at least 1"]
+    assert "Traceback" not in stderr
