@@ -1,12 +1,13 @@
-"""Train/validation split (multi-label iterative stratification, NA-aware) and DataLoaders."""
-import argparse
-import os
-import random
+"""Train/validation split (multi-label iterative stratification, NA-aware), DataLoaders, and the two sources of
+batches the training loop reads: images through a DataLoader, or cached backbone features. Both yield
+(indices, x, y) and have set_epoch(), so train.py's loop cannot tell them apart."""
+import math
 
 import numpy as np
 import torch
 
-from dataset import UserError, collate
+from dataset import ImageDataset, collate
+from utils import UserError, seed_worker
 
 
 def split_indices(targets, val_fraction, seed):
@@ -95,45 +96,82 @@ def refine(labels, part, rng, rounds=200, sample=128):
     return part
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _seed_worker(worker_id):
-    # Each worker gets a different seed derived from the loader's generator, so runs repeat exactly.
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def workers_arg(value):
-    """argparse type of --num-workers: auto or a number."""
-    if value == "auto":
-        return value
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} is neither auto nor a number of 0 or more")
-    return number
-
-
-def resolve_workers(num_workers, device):
-    """auto: 2 DataLoader workers, or none on a CPU with 2 cores or fewer. There the workers take cores from the
-    forward itself, and decoding in the main process is faster (measured: benchmarks/bench_train.py --sweep)."""
-    if num_workers != "auto":
-        return num_workers
-    return 0 if device.type == "cpu" and (os.cpu_count() or 1) <= 2 else 2
-
-
 def make_loader(dataset, batch_size, shuffle, num_workers, seed=0, device=None):
     generator = torch.Generator()
     generator.manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=collate,
-        worker_init_fn=_seed_worker, generator=generator, persistent_workers=False,
+        worker_init_fn=seed_worker, generator=generator, persistent_workers=False,
         pin_memory=device is not None and device.type == "cuda",
     )
+
+
+def epoch_seed(seed, epoch):
+    return seed * 100_003 + epoch
+
+
+class Subset(ImageDataset):
+    """ImageDataset over some rows of the full set; `index` maps back to the full set's rows."""
+
+    def __init__(self, paths, index, transform):
+        super().__init__([paths[i] for i in index], None, transform)
+        self.index = torch.as_tensor(index, dtype=torch.long)
+
+
+class ImageBatches:
+    """(indices into the full set, images, targets) from a DataLoader over the rows `index` of `paths`.
+
+    An image that fails to decode (a truncated file) is warned about once through `report`, kept in `failed`
+    (path -> message) and left out of its batch."""
+
+    def __init__(self, paths, index, targets, transform, *, batch_size, shuffle, num_workers, seed, device, report):
+        self.loader = make_loader(Subset(paths, index, transform), batch_size, shuffle, num_workers, seed, device)
+        self.targets, self.seed, self.report = targets, seed, report
+        self.failed = {}
+        self.num_images = len(index)
+
+    def set_epoch(self, epoch):
+        self.loader.generator.manual_seed(epoch_seed(self.seed, epoch))
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        dataset = self.loader.dataset
+        for indices, images, errors in self.loader:
+            for i, message in errors:
+                if dataset.paths[i] not in self.failed:
+                    self.failed[dataset.paths[i]] = message
+                    self.report.warn("unreadable image", f"{message}; skipped")
+            if images is not None:
+                index = dataset.index[indices]
+                yield index.numpy(), images, self.targets[index]
+
+
+class FeatureBatches:
+    """(indices into the full set, features, targets) from cached backbone features (rows, 2, D): view 0 is the
+    image as is, view 1 mirrored. Shuffled batches take one view per image at random every epoch, which is
+    exactly RandomHorizontalFlip(0.5); in order (validation) they take view 0."""
+
+    def __init__(self, features, rows, index, targets, *, batch_size, shuffle, seed):
+        self.features, self.rows, self.index, self.targets = features, rows, np.asarray(index), targets
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.epoch = 0
+        self.num_images = len(self.index)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return math.ceil(len(self.index) / self.batch_size)
+
+    def __iter__(self):
+        order, views = self.index, np.zeros(len(self.index), dtype=np.int64)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+            order = self.index[torch.randperm(len(self.index), generator=g).numpy()]
+            views = torch.randint(0, 2, (len(order),), generator=g).numpy()
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            x = np.asarray(self.features[self.rows[batch], views[start:start + len(batch)]])
+            yield batch, torch.from_numpy(x), self.targets[batch]

@@ -5,7 +5,6 @@ An optional header line names the attributes. NA becomes -1 in the target tensor
 is kept and only that cell is ignored by the loss and the metrics.
 """
 import os
-import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 from torchvision import transforms
+
+from utils import Report, UserError, atomic_write
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,46 +26,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 # Truncated JPEGs must fail loudly, never decode into half-grey pictures.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class UserError(Exception):
-    """An error the user can fix (bad file, bad option). Scripts print it as one `error:` line."""
-
-
-def run_cli(run, args):
-    """Run a script's run(args): a UserError becomes one `error:` line and exit code 2 (a traceback with --debug)."""
-    try:
-        return run(args)
-    except UserError as e:
-        if getattr(args, "debug", False):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-
-
-class Report:
-    """Collects warnings (printed as they happen, counted by reason); under strict the first one is an error."""
-
-    def __init__(self, strict=False, stream=None):
-        self.strict = strict
-        self.stream = stream
-        self.counts = Counter()
-        self.messages = []  # kept for the run's summary file: warnings scroll away on a big data set
-
-    def warn(self, reason, message, fatal=True):
-        """fatal=False for problems of our own making (a damaged cache), which --strict does not stop on."""
-        if self.strict and fatal:
-            raise UserError(f"{message} (--strict turns warnings into errors)")
-        self.counts[reason] += 1
-        self.messages.append(message)
-        print(f"warning: {message}", file=self.stream or sys.stderr)
-
-    @property
-    def total(self):
-        return sum(self.counts.values())
 
 
 @dataclass
@@ -164,6 +125,17 @@ def parse_labels(path, report=None):
         table.targets.append(values)
         table.lines.append(number)
     return table
+
+
+def write_labels(path, attributes, names, targets):
+    """Write rows in the format parse_labels reads (a header line, NA for unknown cells), atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write("image_name " + " ".join(attributes) + "\n")
+            for name, row in zip(names, targets.tolist()):
+                f.write(name + " " + " ".join("NA" if v < 0 else str(v) for v in row) + "\n")
+
+    atomic_write(path, write)
 
 
 def drop_missing_images(table, images_dir, report):

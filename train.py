@@ -14,21 +14,24 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 from copy import deepcopy
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from data_loader import make_loader, resolve_workers, seed_everything, split_indices, workers_arg
-from dataset import (IMAGENET_MEAN, IMAGENET_STD, ImageDataset, Report, UserError, format_counts, label_counts,
-                     load_dataset, load_image, run_cli, train_transform, eval_transform)
+from data_loader import FeatureBatches, ImageBatches, split_indices
+from dataset import (IMAGENET_MEAN, IMAGENET_STD, eval_transform, format_counts, label_counts, load_dataset,
+                     load_image, train_transform, write_labels)
+from figures import loss_curve_figure, metrics_figure, save_figure
 from loss import LOSSES, make_loss, pos_weights
-from metrics import attribute_metrics, format_table, to_json, tune_threshold, precision_recall_curve
-from model import (BACKBONES, CHECKPOINT_FORMAT, amp_context, build_model, keep_freed_memory, load_checkpoint,
-                   pick_device)
+from metrics import attribute_metrics, format_table, macro_f1, to_json
+from model import BACKBONES, build_model, load_checkpoint, make_checkpoint, save_checkpoint
+from utils import (Progress, Report, StopFlag, UserError, add_runtime_flags, amp_context, check_writable,
+                   keep_freed_memory, log, pick_device, resolve_workers, restore_rng, rng_state, run_cli,
+                   seed_everything, write_json)
 
 # ---- hyperparameters (each can be overridden: --name value) ----
 LABELS = "labels.txt"  # labels file: image_name v1 .. vK per line, values 1 / 0 / NA
@@ -78,7 +81,6 @@ def parse_args(argv=None):
     p.add_argument("--weights", default=WEIGHTS, help="imagenet | none | PATH to a state dict")
     p.add_argument("--unfreeze", default=UNFREEZE, choices=["none", "last"])
     p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--backbone-lr", type=float, default=BACKBONE_LR)
     p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
@@ -95,16 +97,12 @@ def parse_args(argv=None):
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
     p.add_argument("--patience", type=int, default=PATIENCE)
     p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--num-workers", type=workers_arg, default=NUM_WORKERS, help="auto or a number")
-    p.add_argument("--device", default=DEVICE, choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--cache-dir", default=CACHE_DIR, help="feature cache folder")
     p.add_argument("--no-cache", action="store_true", help="keep extracted features in memory only")
     p.add_argument("--amp", action="store_true", default=AMP, help="bf16 autocast for the backbone")
-    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=KEEP_FREED_MEMORY,
-                   help="cpu, Linux: reuse freed memory instead of unmapping it (faster forwards, more RAM)")
     p.add_argument("--strict", action="store_true", help="every warning about the input is an error")
     p.add_argument("--resume", metavar="FILE", help="continue from a last checkpoint (model_last.pth)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_runtime_flags(p, batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, device=DEVICE, keep_freed=KEEP_FREED_MEMORY)
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     args.explicit = {a.dest for a in p._actions
@@ -112,51 +110,78 @@ def parse_args(argv=None):
     return args
 
 
-# ---- small helpers ----
 
-def log(message=""):
-    print(message, flush=True)
+# ---- the loop: one for both paths ----
 
-
-class Progress:
-    """A progress bar on a terminal; elsewhere (logs, CI) a line at most every 30 seconds."""
-
-    def __init__(self, total, label):
-        self.total, self.label, self.done = total, label, 0
-        self.started = self.shown = time.time()
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, n=1, note=""):
-        self.done += n
-        now = time.time()
-        finished = self.done >= self.total
-        if self.tty and (now - self.shown > 0.2 or finished):
-            width = 30
-            filled = int(width * self.done / max(self.total, 1))
-            rate = self.done / max(now - self.started, 1e-9)
-            print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                  f"{rate:.1f}/s {note}", end="\n" if finished else "", file=sys.stderr, flush=True)
-            self.shown = now
-        elif not self.tty and now - self.shown > 30 and not finished:
-            print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
-            self.shown = now
+def lr_factor(step, *, schedule, total_steps, warmup_steps):
+    """The learning rate at an optimizer step as a fraction of --lr (--backbone-lr), nanoGPT's get_lr: a function
+    of the step alone, so a resumed run needs only its step count."""
+    if schedule == "onecycle":
+        # OneCycle's shape: from 1/25 up to 1 (cosine) over the warm-up (30% when not given), then down to 1/25e4.
+        warmup_steps = warmup_steps or int(0.3 * total_steps)
+        start, end = 1 / 25, 1 / 25e4
+        if step < warmup_steps:
+            return start + (1 - start) * (1 - math.cos(math.pi * step / warmup_steps)) / 2
+        t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return end + (1 - end) * (1 + math.cos(math.pi * min(t, 1.0))) / 2
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return (1 + math.cos(math.pi * min(t, 1.0))) / 2
+    return 1.0
 
 
-class StopFlag:
-    """First Ctrl-C asks the loop to stop at the next step and save; a second one stops at once."""
+def train_one_epoch(forward, batches, *, loss_fn, optimizer, lr_at, first_step, device, stop, label):
+    """One pass over batches of (indices, x, y); returns (the loss of each optimizer step, images seen)."""
+    losses, seen = [], 0
+    bar = Progress(batches.num_images, label)
+    for indices, x, y in batches:
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_at(first_step + len(losses))
+        loss = loss_fn(forward(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        seen += len(indices)
+        bar(len(indices), f"loss {losses[-1]:.4f}")
+        if stop.requested:
+            break
+    bar.close()
+    return losses, seen
 
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
 
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupted: finishing the step, then saving (Ctrl-C again to quit at once)", file=sys.stderr)
+@torch.inference_mode()
+def evaluate(forward, batches, *, device, loss_fn=None):
+    """Probabilities (n, K) of the images batches yields, their indices, and the mean loss (None without loss_fn)."""
+    logits, indices, targets = [], [], []
+    for index, x, y in batches:
+        logits.append(forward(x.to(device, non_blocking=True)).float())
+        indices.append(index)
+        targets.append(y)
+    if not logits:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64), None
+    logits = torch.cat(logits)
+    loss = loss_fn(logits, torch.cat(targets).to(device)).item() if loss_fn is not None else None
+    return torch.sigmoid(logits).cpu().numpy(), np.concatenate(indices), loss
 
-    def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
+
+def image_forward(model, *, device, amp):
+    """The whole model on image batches (channels_last; the backbone under bf16 autocast with --amp)."""
+    def forward(x):
+        with amp_context(device, amp):
+            return model(x.contiguous(memory_format=torch.channels_last)).float()
+
+    return forward
+
+
+# ---- setup ----
+
+def parse_checks(args):
+    for name in ("epochs", "batch_size", "image_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
 
 
 def output_paths(args):
@@ -169,110 +194,125 @@ def output_paths(args):
     }
 
 
-def check_writable(paths):
-    """Fail before training, not after it: every output folder must exist (or be creatable) and be writable."""
-    for path in paths.values():
-        folder = os.path.dirname(os.path.abspath(path))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"{path}: cannot create the folder {folder} ({e.strerror}); choose another output path")
-        if not os.access(folder, os.W_OK):
-            raise UserError(f"{path}: the folder {folder} is not writable; choose another output path")
-        if os.path.isdir(path) or path.endswith(("/", os.sep)):
-            raise UserError(f"{path}: is a folder; give a file path")
-
-
-def atomic_write(path, write):
-    """write(tmp_path) then rename: a crash never leaves half a file at path."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def lr_lambda(scheduler, total_steps, warmup_steps):
-    """Learning-rate factor per optimizer step; a plain function so the scheduler state is just numbers."""
-    if scheduler == "onecycle":
-        warmup_steps = warmup_steps or int(0.3 * total_steps)
-
-    def factor(step):
-        if scheduler == "onecycle":
-            # OneCycle's shape: from 1/25 up to 1 (cosine), then down to 1/25e4 (cosine).
-            start, end = 1 / 25, 1 / 25e4
-            if step < warmup_steps:
-                return start + (1 - start) * (1 - math.cos(math.pi * step / warmup_steps)) / 2
-            t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-            return end + (1 - end) * (1 + math.cos(math.pi * min(t, 1.0))) / 2
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if scheduler == "cosine":
-            t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-            return (1 + math.cos(math.pi * min(t, 1.0))) / 2
-        return 1.0
-
-    return factor
+def resume_args(args):
+    ckpt = load_checkpoint(args.resume, resume=True)
+    for key, value in ckpt["config"].items():
+        if key != "resume" and not (key in RESUME_OVERRIDES and key in args.explicit):
+            setattr(args, key, value)
+    return ckpt
 
 
 def plain_config(args):
     return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool)) or v is None}
 
 
-# ---- the two training paths ----
-
-def train_one_epoch_cached(model, features, rows, train_idx, targets, loss_fn, optimizer, scheduler, args, epoch,
-                           stop):
-    """Head on cached features; per image one of the two views at random, i.e. RandomHorizontalFlip(0.5)."""
-    g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-    order = train_idx[torch.randperm(len(train_idx), generator=g).numpy()]
-    views = torch.randint(0, 2, (len(order),), generator=g).numpy()
-    device = model.head.weight.device
-    model.train()
-    losses = []
-    bar = Progress(len(order), f"epoch {epoch + 1}")
-    for start in range(0, len(order), args.batch_size):
-        batch = order[start:start + args.batch_size]
-        x = torch.from_numpy(np.asarray(features[rows[batch], views[start:start + len(batch)]])).to(device)
-        losses.append(step(model.head, x, targets[batch].to(device), loss_fn, optimizer, scheduler))
-        bar(len(batch), f"loss {losses[-1]:.4f}")
-        if stop.requested:
-            break
-    return losses, len(order)
+def load_data(args, report):
+    """Labels, split and class balance, logged; returns (table, paths, targets, train_idx, val_idx, pos_weight)."""
+    table, paths, targets = load_dataset(args.labels, args.images, report)
+    train_idx, val_idx = split_indices(targets, args.val_fraction, args.seed)
+    pos_weight, problems = pos_weights(targets[train_idx])
+    for k, message in problems.items():
+        report.warn("attribute", f"{args.labels}: {table.attributes[k]}: {message}")
+    log(f"data: {len(paths)} images used ({len(train_idx)} train, {len(val_idx)} validation), "
+        f"skipped: {report.summary() or 'none'}")
+    log(format_counts(table.attributes, label_counts(targets)))
+    log("pos_weight (train): " + " ".join(f"{a}={w:.3f}" for a, w in zip(table.attributes, pos_weight.tolist())))
+    return table, paths, targets, train_idx, val_idx, pos_weight
 
 
-def train_one_epoch_full(model, loader, targets, loss_fn, optimizer, scheduler, args, epoch, device, stop, failed,
-                         report):
-    """The usual loop: backbone forward every step (unfrozen block or strong augmentation)."""
-    loader.generator.manual_seed(args.seed * 100_003 + epoch)
-    model.train()
-    losses, seen = [], 0
-    bar = Progress(len(loader.dataset), f"epoch {epoch + 1}")
-    for indices, images, errors in loader:
-        note_failures(errors, loader.dataset, failed, report)
-        if images is not None:
-            x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            with amp_context(device, args.amp):
-                logits = model(x)
-            losses.append(step(None, logits, targets[loader.dataset.index[indices]].to(device), loss_fn,
-                               optimizer, scheduler))
-            seen += len(indices)
-        bar(len(indices) + len(errors), f"loss {losses[-1]:.4f}" if losses else "")
-        if stop.requested:
-            break
-    return losses, seen
+def make_optimizer(model, args):
+    groups = [{"params": model.head.parameters(), "base_lr": args.lr}]
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    if backbone_params:
+        groups.append({"params": backbone_params, "base_lr": args.backbone_lr})
+    for group in groups:
+        group["lr"] = group["base_lr"]
+    return torch.optim.AdamW(groups, weight_decay=args.weight_decay)
 
 
-def step(head, x, y, loss_fn, optimizer, scheduler):
-    logits = head(x) if head is not None else x
-    loss = loss_fn(logits, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    return loss.item()
+def setup(args):
+    """Data, model, loss and optimizer (restored with --resume); the batches come from make_batches."""
+    resumed = resume_args(args) if args.resume else None
+    parse_checks(args)
+    outputs = output_paths(args)
+    cached = args.unfreeze == "none" and args.augment == "flip"
+    cache_index = [os.path.join(args.cache_dir, "index.json")] if cached and not args.no_cache else []
+    check_writable(list(outputs.values()) + cache_index)
+    reason = "frozen backbone, flip-only augmentation" if cached else \
+        ("--unfreeze last" if args.unfreeze != "none" else "--augment strong")
+    device = pick_device(args.device)
+    kept = args.keep_freed_memory and keep_freed_memory(device)
+    workers = resolve_workers(args.num_workers, device)
+    log(f"path: {'cached features' if cached else 'full loop'} ({reason}); device {device}"
+        f"{' (freed memory kept for reuse)' if kept else ''}, {workers} loader workers; "
+        f"backbone {args.backbone} ({args.weights if not resumed else 'resumed'})")
+    seed_everything(args.seed)
+
+    report = Report(strict=args.strict)
+    table, paths, targets, train_idx, val_idx, pos_weight = load_data(args, report)
+    torch.manual_seed(args.seed)
+    model = build_model(args.backbone, len(table.attributes), "none" if resumed else args.weights, args.unfreeze,
+                        args.image_size)
+    if resumed:
+        model.load_state_dict(resumed["model"])
+    model.to(device).to(memory_format=torch.channels_last)
+    loss_fn = make_loss(args.loss, pos_weight, args.focal_gamma, args.focal_alpha, args.asl_gamma_neg,
+                        args.asl_gamma_pos, args.asl_clip).to(device)
+    optimizer = make_optimizer(model, args)
+    state = {"losses": [], "history": [], "best_map": -1.0, "best_epoch": -1, "since_best": 0, "epoch": 0}
+    if resumed:
+        optimizer.load_state_dict(resumed["optimizer"])
+        state.update(json.loads(resumed["state"]))
+        restore_rng(resumed["rng"])
+        log(f"resumed from {args.resume} after epoch {state['epoch']}")
+    return SimpleNamespace(
+        args=args, outputs=outputs, cached=cached, device=device, workers=workers, report=report, table=table,
+        attributes=table.attributes, paths=paths, targets=targets, train_idx=train_idx, val_idx=val_idx,
+        counts=label_counts(targets[train_idx]), model=model, loss_fn=loss_fn, optimizer=optimizer, state=state,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, stop=StopFlag(), pending={}, best=None)
+
+
+def make_batches(job):
+    """job.forward and the train / validation batches of the run's path; False if Ctrl-C stopped extraction."""
+    args = job.args
+    if job.cached:
+        from feature_cache import cached_features
+
+        mirror = np.zeros(len(job.paths), dtype=bool)
+        mirror[job.train_idx] = True  # validation uses the unflipped view only
+        features, rows, ok = cached_features(
+            job.model, job.paths, backbone=args.backbone, image_size=args.image_size, mean=job.mean, std=job.std,
+            cache_dir=None if args.no_cache else args.cache_dir, batch_size=args.batch_size,
+            num_workers=job.workers, device=job.device, amp=args.amp, report=job.report, stop=job.stop,
+            mirror=mirror)
+        if job.stop.requested:
+            return False
+        job.train_idx, job.val_idx = job.train_idx[ok[job.train_idx]], job.val_idx[ok[job.val_idx]]
+        job.forward = job.model.head
+
+        def batches(index, shuffle):
+            return FeatureBatches(features, rows, index, job.targets, batch_size=args.batch_size, shuffle=shuffle,
+                                  seed=args.seed)
+    else:
+        ok = readable_images(job.paths, job.report)
+        job.train_idx, job.val_idx = job.train_idx[ok[job.train_idx]], job.val_idx[ok[job.val_idx]]
+        job.forward = image_forward(job.model, device=job.device, amp=args.amp)
+        transforms = {True: train_transform(args.image_size, job.mean, job.std, augment=args.augment),
+                      False: eval_transform(args.image_size, job.mean, job.std)}
+
+        def batches(index, shuffle):
+            return ImageBatches(job.paths, index, job.targets, transforms[shuffle], batch_size=args.batch_size,
+                                shuffle=shuffle, num_workers=job.workers, seed=args.seed, device=job.device,
+                                report=job.report)
+    if len(job.train_idx) == 0:
+        raise UserError(f"{args.labels}: no training image could be read")
+    job.train_batches = batches(job.train_idx, True)
+    job.val_batches = batches(job.val_idx, False) if len(job.val_idx) else None
+    total_steps = len(job.train_batches) * args.epochs
+    warmup_steps = int(args.warmup_epochs * len(job.train_batches))
+    job.lr_at = lambda step: lr_factor(step, schedule=args.scheduler, total_steps=total_steps,
+                                       warmup_steps=warmup_steps)
+    return True
 
 
 def readable_images(paths, report):
@@ -287,75 +327,81 @@ def readable_images(paths, report):
     return ok
 
 
-def note_failures(errors, dataset, failed, report):
-    """Images that failed to decode inside the loader (a truncated file): warned about once, then skipped."""
-    for i, message in errors:
-        name = dataset.paths[i]
-        if name not in failed:
-            failed[name] = message
-            report.warn("unreadable image", f"{message}; skipped")
+# ---- the epochs ----
+
+def validate(job):
+    """Validation scores, tuned thresholds and the epoch's metrics."""
+    job.model.eval()
+    scores, index, loss = evaluate(job.forward, job.val_batches, device=job.device, loss_fn=job.loss_fn)
+    y = job.targets[index].numpy()
+    result = attribute_metrics(scores, y, None, job.attributes)
+    thresholds = [r["threshold"] for r in result["attributes"]]
+    record = {"val_loss": loss, "map": result["map"], "macro_f1": macro_f1(scores, y, [0.5] * len(thresholds)),
+              "ap": [r["ap"] for r in result["attributes"]]}
+    return record, (scores, y, thresholds, result["notes"])
 
 
-class Subset(ImageDataset):
-    """ImageDataset over some rows of the full set; `index` maps back to the full set's rows."""
+def fit(job):
+    """The epochs: train, validate, keep the best and the last checkpoint, stop early or on Ctrl-C."""
+    args, state = job.args, job.state
+    for epoch in range(state["epoch"], args.epochs):
+        started = time.time()
+        job.model.train()
+        job.train_batches.set_epoch(epoch)
+        losses, seen = train_one_epoch(job.forward, job.train_batches, loss_fn=job.loss_fn, optimizer=job.optimizer,
+                                       lr_at=job.lr_at, first_step=len(state["losses"]), device=job.device,
+                                       stop=job.stop, label=f"epoch {epoch + 1}")
+        state["losses"] += losses
+        if job.stop.requested:
+            break
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan}
+        validation = None
+        if job.val_batches is not None:
+            metrics, validation = validate(job)
+            record.update(metrics)
+        # No mAP (no validation, or no known positives in it): every epoch counts as the best so far.
+        score = record.get("map", math.nan)
+        improved = math.isnan(score) or score > state["best_map"]
+        log(epoch_line(record, args.epochs, time.time() - started, seen, improved))
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        if improved:
+            state.update(best_map=-1.0 if math.isnan(score) else score, best_epoch=epoch + 1, since_best=0)
+            job.best = validation
+        else:
+            state["since_best"] += 1
+        keep_checkpoints(job, validation[2] if validation else [0.5] * len(job.attributes), record, improved)
+        if args.patience and state["since_best"] >= args.patience:
+            log(f"early stop: validation mAP has not improved for {args.patience} epochs")
+            break
 
-    def __init__(self, paths, index, transform):
-        super().__init__([paths[i] for i in index], None, transform)
-        self.index = torch.as_tensor(index)
+
+def epoch_line(record, epochs, elapsed, seen, improved):
+    line = f"epoch {record['epoch']:>3}/{epochs}  train_loss {record['train_loss']:.4f}"
+    if "map" in record:
+        line += f"  val_loss {record['val_loss']:.4f}  mAP {record['map']:.4f}  macroF1@0.5 {record['macro_f1']:.4f}"
+    return f"{line}  time {elapsed:.2f}s  {seen / max(elapsed, 1e-9):.0f} img/s{'  *best' if improved else ''}"
 
 
-@torch.inference_mode()
-def evaluate(model, val_idx, targets, loss_fn, features=None, rows=None, loader=None, device=None, amp=False,
-             failed=None, report=None):
-    """Validation probabilities (n_val, K) and mean loss; cached features use the unflipped view."""
-    model.eval()
-    if features is not None:
-        x = torch.from_numpy(np.asarray(features[rows[val_idx], 0])).to(model.head.weight.device)
-        logits = model.head(x)
-        kept = val_idx
+def keep_checkpoints(job, thresholds, record, improved):
+    """The epoch's checkpoint becomes the last one (and the best one if improved): written now on the full loop,
+    kept in memory until the end on the cached path, where an epoch takes milliseconds and writing ~100 MB twice
+    would cost more than the epoch."""
+    args = job.args
+    checkpoint = make_checkpoint(
+        job.model, backbone=args.backbone, attributes=list(job.attributes), image_size=args.image_size,
+        mean=list(job.mean), std=list(job.std), thresholds=[float(t) for t in thresholds],
+        config=plain_config(args), label_counts=job.counts, epoch=record["epoch"],
+        val_map=None if math.isnan(record.get("map", math.nan)) else float(record["map"]))
+    if improved:
+        job.pending["best"] = checkpoint
+    job.pending["last"] = dict(checkpoint, optimizer=job.optimizer.state_dict(), rng=rng_state(),
+                               state=json.dumps(job.state))
+    if job.cached:
+        job.pending = {k: detached(v) for k, v in job.pending.items()}
     else:
-        parts, kept = [], []
-        for indices, images, errors in loader:
-            note_failures(errors, loader.dataset, failed, report)
-            if images is None:
-                continue
-            with amp_context(device, amp):
-                parts.append(model(images.to(device).contiguous(memory_format=torch.channels_last)).float())
-            kept += loader.dataset.index[indices].tolist()
-        logits = torch.cat(parts) if parts else torch.zeros(0, model.head.out_features, device=device)
-        kept = np.asarray(kept, dtype=np.int64)
-    y = targets[kept].to(logits.device)
-    return torch.sigmoid(logits).cpu().numpy(), loss_fn(logits, y).item(), kept
-
-
-def tuned_thresholds(scores, y, attributes):
-    thresholds, notes = [], []
-    for k, name in enumerate(attributes):
-        known = y[:, k] >= 0
-        t, note = tune_threshold(scores[known, k], y[known, k] == 1)
-        thresholds.append(t)
-        if note:
-            notes.append(f"{name}: {note}")
-    return thresholds, notes
-
-
-# ---- outputs ----
-
-def make_checkpoint(model, args, attributes, counts, thresholds, epoch, val_map, image_size):
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "backbone": args.backbone,
-        "attributes": list(attributes),
-        "image_size": image_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "thresholds": [float(t) for t in thresholds],
-        "label_counts": counts,
-        "config": plain_config(args),
-        "epoch": epoch,
-        "val_map": None if val_map is None or math.isnan(val_map) else float(val_map),
-    }
+        for key in list(job.pending):
+            save_checkpoint(job.pending.pop(key), job.outputs[key])
 
 
 def detached(checkpoint):
@@ -368,304 +414,69 @@ def detached(checkpoint):
     return copy
 
 
-def save(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+# ---- the end ----
 
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def loss_curve_figure(losses):
-    """One point per optimizer step, labelled as the spec asks."""
-    fig, ax = pyplot().subplots(figsize=(8, 4.5))
-    ax.plot(range(1, len(losses) + 1), losses, linewidth=1)
-    ax.set_xlabel("iteration_number")
-    ax.set_ylabel("training_loss")
-    ax.set_title("Aimonk_multilabel_problem")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def save_figure(fig, path):
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    pyplot().close(fig)
-
-
-def metrics_figure(history, scores, y, thresholds, attributes):
-    """Validation AP per epoch, and precision-recall curves at the best epoch with the tuned thresholds marked."""
-    fig, (left, right) = pyplot().subplots(1, 2, figsize=(12, 4.8))
-    epochs = [h["epoch"] for h in history]
-    left.plot(epochs, [h["map"] for h in history], "k-", linewidth=2.5, label="mAP")
-    for k, name in enumerate(attributes):
-        left.plot(epochs, [h["ap"][k] for h in history], linewidth=1, label=f"{name} AP")
-    left.set_xlabel("epoch")
-    left.set_ylabel("validation average precision")
-    left.set_title("Validation AP per epoch")
-    left.legend(fontsize=8)
-    left.grid(alpha=0.3)
-    for k, name in enumerate(attributes):
-        known = y[:, k] >= 0
-        s, positive = scores[known, k], y[known, k] == 1
-        if positive.sum() == 0:
-            continue
-        precision, recall, cuts = precision_recall_curve(s, positive)
-        line, = right.step(recall, precision, where="post", label=f"{name} (thr {thresholds[k]:.2f})")
-        predicted = s >= thresholds[k]
-        tp = (predicted & positive).sum()
-        right.plot(tp / positive.sum(), tp / max(predicted.sum(), 1), "o", color=line.get_color(), markersize=8)
-    right.set_xlabel("recall")
-    right.set_ylabel("precision")
-    right.set_title("Precision-recall at the best epoch (dot: tuned threshold)")
-    right.set_xlim(0, 1.02)
-    right.set_ylim(0, 1.02)
-    right.legend(fontsize=8)
-    right.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def write_val_labels(path, attributes, names, targets):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write("image_name " + " ".join(attributes) + "\n")
-            for name, row in zip(names, targets.tolist()):
-                f.write(name + " " + " ".join("NA" if v < 0 else str(v) for v in row) + "\n")
-
-    atomic_write(path, write)
-
-
-# ---- main ----
-
-def resume_args(args):
-    ckpt = load_checkpoint(args.resume)
-    if "optimizer" not in ckpt:
-        raise UserError(f"{args.resume}: a best-model checkpoint cannot be resumed; give the *_last.pth file")
-    for key, value in ckpt["config"].items():
-        if key != "resume" and not (key in RESUME_OVERRIDES and key in args.explicit):
-            setattr(args, key, value)
-    return ckpt
-
-
-def run(args):
-    resumed = resume_args(args) if args.resume else None
-    for name in ("epochs", "batch_size", "image_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    outputs = output_paths(args)
-    cached = args.unfreeze == "none" and args.augment == "flip"
-    check_writable(dict(outputs, **({"cache": os.path.join(args.cache_dir, "index.json")}
-                                    if cached and not args.no_cache else {})))
-    reason = "frozen backbone, flip-only augmentation" if cached else \
-        ("--unfreeze last" if args.unfreeze != "none" else "--augment strong")
-    device = pick_device(args.device)
-    kept = args.keep_freed_memory and keep_freed_memory(device)
-    workers = resolve_workers(args.num_workers, device)
-    log(f"path: {'cached features' if cached else 'full loop'} ({reason}); device {device}"
-        f"{' (freed memory kept for reuse)' if kept else ''}, {workers} loader workers; "
-        f"backbone {args.backbone} ({args.weights if not resumed else 'resumed'})")
-    seed_everything(args.seed)
-
-    report = Report(strict=args.strict)
-    table, paths, targets = load_dataset(args.labels, args.images, report)
-    attributes = table.attributes
-    train_idx, val_idx = split_indices(targets, args.val_fraction, args.seed)
-    counts = label_counts(targets[train_idx])
-    pos_weight, problems = pos_weights(targets[train_idx])
-    for k, message in problems.items():
-        report.warn("attribute", f"{args.labels}: {attributes[k]}: {message}")
-    skipped = ", ".join(f"{n} {reason}" for reason, n in report.counts.items()) or "none"
-    log(f"data: {len(paths)} images used ({len(train_idx)} train, {len(val_idx)} validation), skipped: {skipped}")
-    log(format_counts(attributes, label_counts(targets)))
-    log("pos_weight (train): " + " ".join(f"{a}={w:.3f}" for a, w in zip(attributes, pos_weight.tolist())))
-
-    torch.manual_seed(args.seed)
-    model = build_model(args.backbone, len(attributes), "none" if resumed else args.weights, args.unfreeze,
-                        args.image_size)
-    if resumed:
-        model.load_state_dict(resumed["model"])
-    model.to(device).to(memory_format=torch.channels_last)
-    loss_fn = make_loss(args.loss, pos_weight, args.focal_gamma, args.focal_alpha, args.asl_gamma_neg,
-                        args.asl_gamma_pos, args.asl_clip).to(device)
-    groups = [{"params": model.head.parameters(), "lr": args.lr}]
-    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
-    if backbone_params:
-        groups.append({"params": backbone_params, "lr": args.backbone_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
-
-    stop = StopFlag()
-    failed = {}  # image path -> message, for images that failed to decode
-    pending = {}  # checkpoints not yet written: "best" and "last"
-    try:
-        if cached:
-            mirror = np.zeros(len(paths), dtype=bool)
-            mirror[train_idx] = True  # validation uses the unflipped view only
-            features, rows, ok = cached_features_for(model, paths, args, device, workers, report, stop, mirror)
-            if stop.requested:
-                log("interrupted during feature extraction: the features extracted so far are cached; nothing trained")
-                return 130
-            train_idx, val_idx = train_idx[ok[train_idx]], val_idx[ok[val_idx]]
-            steps_per_epoch = math.ceil(len(train_idx) / args.batch_size)
-        else:
-            ok = readable_images(paths, report)
-            train_idx, val_idx = train_idx[ok[train_idx]], val_idx[ok[val_idx]]
-            transform = train_transform(args.image_size, augment=args.augment)
-            train_loader = make_loader(Subset(paths, train_idx, transform), args.batch_size, True, workers,
-                                       args.seed, device)
-            val_loader = make_loader(Subset(paths, val_idx, eval_transform(args.image_size)), args.batch_size, False,
-                                     workers, args.seed, device)
-            steps_per_epoch = len(train_loader)
-        if len(train_idx) == 0:
-            raise UserError(f"{args.labels}: no training image could be read")
-        total_steps = steps_per_epoch * args.epochs
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(args.scheduler, total_steps, int(args.warmup_epochs * steps_per_epoch)))
-
-        state = {"losses": [], "history": [], "best_map": -1.0, "best_epoch": -1, "since_best": 0, "epoch": 0}
-        if resumed:
-            optimizer.load_state_dict(resumed["optimizer"])
-            scheduler.load_state_dict(resumed["scheduler"])
-            state.update(json.loads(resumed["state"]))
-            restore_rng(resumed["rng"])
-            log(f"resumed from {args.resume} after epoch {state['epoch']}")
-
-        best = None  # (scores, y, thresholds) at the best epoch, for the final table and plots
-        for epoch in range(state["epoch"], args.epochs):
-            started = time.time()
-            if cached:
-                losses, seen = train_one_epoch_cached(model, features, rows, train_idx, targets, loss_fn, optimizer,
-                                                      scheduler, args, epoch, stop)
-            else:
-                losses, seen = train_one_epoch_full(model, train_loader, targets, loss_fn, optimizer, scheduler, args,
-                                                    epoch, device, stop, failed, report)
-            state["losses"] += losses
-            if stop.requested:
-                break
-            record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan}
-            thresholds = [0.5] * len(attributes)
-            if len(val_idx):
-                if cached:
-                    scores, val_loss, kept = evaluate(model, val_idx, targets, loss_fn, features, rows)
-                else:
-                    scores, val_loss, kept = evaluate(model, val_idx, targets, loss_fn, loader=val_loader,
-                                                      device=device, amp=args.amp, failed=failed, report=report)
-                y = targets[kept].numpy()
-                thresholds, notes = tuned_thresholds(scores, y, attributes)
-                result = attribute_metrics(scores, y, [0.5] * len(attributes), attributes)
-                record.update(val_loss=val_loss, map=result["map"], macro_f1=result["macro_f1"],
-                              ap=[r["ap"] for r in result["attributes"]])
-            # No mAP (no validation, or no known positives in it): every epoch counts as the best so far.
-            score = record.get("map", math.nan)
-            improved = math.isnan(score) or score > state["best_map"]
-            elapsed = time.time() - started
-            line = f"epoch {epoch + 1:>3}/{args.epochs}  train_loss {record['train_loss']:.4f}"
-            if len(val_idx):
-                line += f"  val_loss {record['val_loss']:.4f}  mAP {record['map']:.4f}  macroF1@0.5 {record['macro_f1']:.4f}"
-            log(f"{line}  time {elapsed:.2f}s  {seen / max(elapsed, 1e-9):.0f} img/s{'  *best' if improved else ''}")
-            state["history"].append(record)
-            state["epoch"] = epoch + 1
-            checkpoint = make_checkpoint(model, args, attributes, counts, thresholds, epoch + 1, record.get("map"),
-                                         args.image_size)
-            if improved:
-                state.update(best_map=-1.0 if math.isnan(score) else score, best_epoch=epoch + 1, since_best=0)
-                pending["best"] = checkpoint
-                if len(val_idx):
-                    best = (scores, y, thresholds, notes)
-            else:
-                state["since_best"] += 1
-            pending["last"] = dict(checkpoint, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                   rng=rng_state(), state=json.dumps(state))
-            if cached:
-                # An epoch on cached features takes milliseconds and writing ~100 MB twice costs more than
-                # the epoch: keep the checkpoints in memory and write them once, at the end or on Ctrl-C.
-                pending = {k: detached(v) for k, v in pending.items()}
-            else:
-                for key in list(pending):
-                    save(pending.pop(key), outputs[key])
-            if args.patience and state["since_best"] >= args.patience:
-                log(f"early stop: validation mAP has not improved for {args.patience} epochs")
-                break
-    finally:
-        stop.restore()
-        for key, checkpoint in pending.items():
-            save(checkpoint, outputs[key])
-
-    if best is None and len(val_idx) and state["best_epoch"] > 0:
+def finish(job):
+    """Loss curve, and (if an epoch ended) the best epoch's table, metrics.json, metrics.png and val_labels.txt."""
+    state, outputs = job.state, job.outputs
+    if job.best is None and job.val_batches is not None and state["best_epoch"] > 0:
         # The best epoch came before a --resume: its scores are not in memory, so score the saved best model.
-        model.load_state_dict(torch.load(outputs["best"], map_location=device, weights_only=True)["model"])
-        if cached:
-            scores, _, kept = evaluate(model, val_idx, targets, loss_fn, features, rows)
-        else:
-            scores, _, kept = evaluate(model, val_idx, targets, loss_fn, loader=val_loader, device=device,
-                                       amp=args.amp, failed=failed, report=report)
-        y = targets[kept].numpy()
-        best = (scores, y, *tuned_thresholds(scores, y, attributes))
+        job.model.load_state_dict(torch.load(outputs["best"], map_location=job.device, weights_only=True)["model"])
+        _, job.best = validate(job)
     save_figure(loss_curve_figure(state["losses"]), outputs["curve"])
     log(f"wrote {outputs['curve']} ({len(state['losses'])} steps)")
     if state["best_epoch"] < 0:
         log("interrupted before the first epoch ended: no checkpoint written")
         return 130
     log(f"wrote {outputs['best']} (epoch {state['best_epoch']}) and {outputs['last']}")
-    finish_metrics(args, outputs, state, best, attributes, table, val_idx, targets, report)
-    if stop.requested:
+    write_metrics(job)
+    if job.stop.requested:
         log("interrupted: outputs so far are written; continue with --resume " + outputs["last"])
         return 130
     return 0
 
 
-def finish_metrics(args, outputs, state, best, attributes, table, val_idx, targets, report):
+def write_metrics(job):
+    args, state, outputs, attributes, report = job.args, job.state, job.outputs, job.attributes, job.report
     summary = {"best_epoch": state["best_epoch"], "history": state["history"]}
-    if best is not None:
-        scores, y, thresholds, notes = best
+    if job.best is not None:
+        scores, y, thresholds, notes = job.best
         tuned = attribute_metrics(scores, y, thresholds, attributes)
-        summary["validation"] = to_json(tuned)
-        summary["validation_at_0.5"] = to_json(attribute_metrics(scores, y, [0.5] * len(attributes), attributes))
+        summary["validation"] = to_json({k: v for k, v in tuned.items() if k != "notes"})
+        at_half = attribute_metrics(scores, y, [0.5] * len(attributes), attributes)
+        summary["validation_at_0.5"] = to_json({k: v for k, v in at_half.items() if k != "notes"})
         log(f"validation at the best epoch ({state['best_epoch']}), tuned thresholds:")
         log(format_table(tuned))
         for note in notes:
             log(f"note: {note}")
         save_figure(metrics_figure(state["history"], scores, y, thresholds, attributes), outputs["metrics_png"])
         log(f"wrote {outputs['metrics_png']}")
-    if len(val_idx):
-        write_val_labels(outputs["val_labels"], attributes, [table.names[i] for i in val_idx], targets[val_idx])
+    if len(job.val_idx):
+        write_labels(outputs["val_labels"], attributes, [job.table.names[i] for i in job.val_idx],
+                     job.targets[job.val_idx])
         log(f"wrote {outputs['val_labels']} (check with: python evaluate.py --labels {outputs['val_labels']} "
             f"--images {args.images} --model {outputs['best']})")
     summary["warnings"] = {"counts": dict(report.counts), "messages": report.messages}
-    atomic_write(outputs["metrics"], lambda tmp: open(tmp, "w").write(json.dumps(to_json(summary), indent=1) + "\n"))
+    write_json(outputs["metrics"], to_json(summary))
     log(f"wrote {outputs['metrics']}")
     if report.total:
-        log(f"warnings: {report.total} ({', '.join(f'{n} {r}' for r, n in report.counts.items())})")
+        log(f"warnings: {report.total} ({report.summary()})")
 
 
-def cached_features_for(model, paths, args, device, workers, report, stop, mirror):
-    from feature_cache import cached_features
+# ---- main ----
 
-    return cached_features(model, args.backbone, paths, args.image_size, IMAGENET_MEAN, IMAGENET_STD,
-                           None if args.no_cache else args.cache_dir, args.batch_size, workers, device,
-                           args.amp, report.warn, log, Progress, lambda: stop.requested, mirror)
-
-
-def rng_state():
-    import random
-
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(np_state[1].astype(np.int64)),
-            "numpy_pos": int(np_state[2]), "python": json.dumps(random.getstate())}
-
-
-def restore_rng(state):
-    import random
-
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy_key"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    version, key, gauss = json.loads(state["python"])
-    random.setstate((version, tuple(key), gauss))
+def run(args):
+    job = setup(args)
+    try:
+        if not make_batches(job):
+            log("interrupted during feature extraction: the features extracted so far are cached; nothing trained")
+            return 130
+        fit(job)
+    finally:
+        job.stop.restore()
+        for key, checkpoint in job.pending.items():
+            save_checkpoint(checkpoint, job.outputs[key])
+    return finish(job)
 
 
 def main(argv=None):

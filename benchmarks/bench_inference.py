@@ -31,10 +31,10 @@ from common import ROOT, fmt, forward_ceiling, load_average, machine_lines, make
 import torch  # noqa: E402
 
 import inference  # noqa: E402
-from data_loader import resolve_workers, workers_arg  # noqa: E402
+from utils import keep_freed_memory, resolve_workers, workers_arg  # noqa: E402
 import train  # noqa: E402
 from dataset import eval_transform  # noqa: E402
-from model import keep_freed_memory, load_checkpoint, model_from_checkpoint  # noqa: E402
+from model import load_checkpoint, model_from_checkpoint  # noqa: E402
 
 # Run in a fresh process: where the start-up of `inference.py one.jpg` goes.
 STAGES = r"""
@@ -44,7 +44,8 @@ import torch, torchvision
 t.append(time.perf_counter())
 import inference
 from dataset import load_image
-from model import load_checkpoint, model_from_checkpoint, pick_device
+from model import load_checkpoint, model_from_checkpoint
+from utils import pick_device
 t.append(time.perf_counter())
 ckpt = load_checkpoint(sys.argv[1])
 t.append(time.perf_counter())

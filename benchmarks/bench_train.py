@@ -44,9 +44,10 @@ import torch  # noqa: E402  (after common, which puts the repo root on sys.path)
 
 import feature_cache  # noqa: E402
 import train  # noqa: E402
-from data_loader import resolve_workers, seed_everything, split_indices, workers_arg  # noqa: E402
-from dataset import (IMAGENET_MEAN, IMAGENET_STD, ImageDataset, Report, collate, eval_transform,  # noqa: E402
+from data_loader import FeatureBatches, split_indices  # noqa: E402
+from dataset import (IMAGENET_MEAN, IMAGENET_STD, ImageDataset, collate, eval_transform,  # noqa: E402
                      load_dataset, load_image, train_transform)
+from utils import Report, StopFlag, resolve_workers, seed_everything, workers_arg  # noqa: E402
 from loss import make_loss, pos_weights  # noqa: E402
 from metrics import attribute_metrics  # noqa: E402
 from model import build_model  # noqa: E402
@@ -198,8 +199,8 @@ def project_path(labels, images, args, folder, cache_dir, extra=()):
     timers.wrap(train, "build_model", "build model")
     timers.wrap(feature_cache, "cached_features", "cache step")
     timers.wrap(feature_cache, "fingerprint", "fingerprint")
-    timers.wrap(train, "save", "checkpoint saves")
-    for name in ("plot_loss_curve", "plot_metrics", "loss_curve_figure", "metrics_figure", "save_figure"):
+    timers.wrap(train, "save_checkpoint", "checkpoint saves")
+    for name in ("loss_curve_figure", "metrics_figure", "save_figure"):
         timers.wrap(train, name, "plots")
     out = Tee(echo=not args.quiet)
     try:
@@ -293,48 +294,47 @@ def sweep(paths, args, ceiling):
 
 def noise_floor(labels, images, args, cache_dir, seeds):
     """Last-epoch validation mAP of head-only training on the warm feature cache for several data-order seeds,
-    everything else fixed: the schedule of (c) (a shuffled order and one random view per image per epoch, AdamW,
-    masked BCE) re-done here. Seed args.seed repeats (c)'s own order, so its mAP should equal (c)'s."""
+    everything else fixed: (c)'s own loop (train.train_one_epoch over FeatureBatches, AdamW, masked BCE) with
+    only the batches' seed changed. Seed args.seed repeats (c)'s own order, so its mAP should equal (c)'s."""
     seed_everything(args.seed)
-    table_, paths, targets = load_dataset(labels, images, Report())
+    report = Report(stream=io.StringIO())
+    table_, paths, targets = load_dataset(labels, images, report)
     attributes = table_.attributes
     train_idx, val_idx = split_indices(targets, train.VAL_FRACTION, args.seed)
     pos_weight, _ = pos_weights(targets[train_idx])
     torch.manual_seed(args.seed)
     model = build_model(args.backbone, len(attributes), args.weights, "none", args.image_size)
-    messages = []
-    call = (model, args.backbone, paths, args.image_size, IMAGENET_MEAN, IMAGENET_STD, cache_dir, args.batch_size, 0,
-            torch.device("cpu"), False, lambda *a: None, messages.append, lambda total, label: (lambda n=1, note="": None))
     mirror = np.zeros(len(paths), dtype=bool)
     mirror[train_idx] = True
-    try:  # newer feature_cache: mirror views for the training images only, as train.py asks
-        features, rows, ok = feature_cache.cached_features(*call, mirror=mirror)
-    except TypeError:
-        features, rows, ok = feature_cache.cached_features(*call)
+    messages = []
+    with contextlib.redirect_stdout(io.StringIO()) as quiet:
+        features, rows, ok = feature_cache.cached_features(
+            model, paths, backbone=args.backbone, image_size=args.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            cache_dir=cache_dir, batch_size=args.batch_size, num_workers=0, device=torch.device("cpu"), amp=False,
+            report=report, mirror=mirror)
+    messages = quiet.getvalue().splitlines()
     if any(m.startswith("extracting") for m in messages):
         print("    | noise floor: the cache was not warm (features extracted again)", flush=True)
     head0 = {k: v.clone() for k, v in model.head.state_dict().items()}
-    x_val = torch.from_numpy(np.asarray(features[rows[val_idx], 0]))
-    y_val = targets[val_idx].numpy()
+    val_batches = FeatureBatches(features, rows, val_idx, targets, batch_size=args.batch_size, shuffle=False, seed=0)
+    cpu = torch.device("cpu")
     maps = []
     for seed in seeds:
         model.head.load_state_dict(head0)
-        optimizer = torch.optim.AdamW(model.head.parameters(), lr=train.LR, weight_decay=train.WEIGHT_DECAY)
+        optimizer = train.make_optimizer(model, train.parse_args(["--lr", str(train.LR)]))
         loss_fn = make_loss("bce", pos_weight)
+        batches = FeatureBatches(features, rows, train_idx, targets, batch_size=args.batch_size, shuffle=True,
+                                 seed=seed)
+        stop = StopFlag()
         for epoch in range(args.epochs):
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            order = train_idx[torch.randperm(len(train_idx), generator=g).numpy()]
-            views = torch.randint(0, 2, (len(order),), generator=g).numpy()
-            for start in range(0, len(order), args.batch_size):
-                batch = order[start:start + args.batch_size]
-                x = torch.from_numpy(np.asarray(features[rows[batch], views[start:start + len(batch)]]))
-                loss = loss_fn(model.head(x), targets[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        with torch.no_grad():
-            scores = torch.sigmoid(model.head(x_val)).numpy()
-        maps.append(attribute_metrics(scores, y_val, [0.5] * len(attributes), attributes)["map"])
+            batches.set_epoch(epoch)
+            model.train()
+            train.train_one_epoch(model.head, batches, loss_fn=loss_fn, optimizer=optimizer, lr_at=lambda step: 1.0,
+                                  first_step=0, device=cpu, stop=stop, label="noise floor")
+        stop.restore()
+        model.eval()
+        scores, index, _ = train.evaluate(model.head, val_batches, device=cpu)
+        maps.append(attribute_metrics(scores, targets[index].numpy(), [0.5] * len(attributes), attributes)["map"])
     return np.asarray(maps)
 
 

@@ -25,7 +25,7 @@ import inference
 import make_sample
 import train
 from conftest import FAST, ROOT, run_script
-from dataset import UserError
+from utils import UserError
 
 BAD = ["zero.jpg", "truncated.jpg", "text.jpg", "bomb.png"]  # exist, cannot be decoded
 ODD = ["rgba.png", "palette.png", "palette_t.png", "gray.png", "gray16.png", "cmyk.jpg", "exif.jpg", "tiny.png"]

@@ -1,17 +1,13 @@
 """data_loader.py: NA-aware stratified split, seeding, and loaders that drop unreadable images."""
-import argparse
-import random
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import data_loader as data_loader_module
-import inference
-import train
-from data_loader import make_loader, resolve_workers, seed_everything, split_indices, workers_arg
-from dataset import ImageDataset, UserError, collate, eval_transform, train_transform
+from data_loader import make_loader, split_indices
+from dataset import ImageDataset, collate, eval_transform, train_transform
+from utils import UserError
 
 
 def random_targets(n=400, seed=0):
@@ -93,21 +89,6 @@ def test_split_fraction_outside_0_1_is_a_user_error(fraction):
         split_indices(random_targets(n=20), fraction, seed=0)
 
 
-# ---- seed_everything ----
-
-def test_seed_everything_repeats_all_generators():
-    def draw():
-        return random.random(), np.random.rand(), torch.rand(1).item()
-
-    seed_everything(5)
-    first = draw()
-    seed_everything(5)
-    assert draw() == first
-    seed_everything(6)
-    other = draw()
-    assert all(a != b for a, b in zip(first, other))
-
-
 # ---- make_loader ----
 
 @pytest.fixture
@@ -179,22 +160,3 @@ def test_random_augmentation_in_workers_repeats_with_the_seed(image_folder):
         return torch.cat([b[1] for b in batches(make_loader(dataset, 2, False, num_workers=2, seed=4))])
 
     assert torch.equal(run(), run())
-
-
-# ---- --num-workers auto ----
-
-@pytest.mark.parametrize("cores,device,expected", [(1, "cpu", 0), (2, "cpu", 0), (4, "cpu", 2), (16, "cpu", 2),
-                                                   (2, "cuda", 2), (2, "mps", 2)])
-def test_auto_workers_leave_a_two_core_cpu_to_the_forward(monkeypatch, cores, device, expected):
-    monkeypatch.setattr(data_loader_module.os, "cpu_count", lambda: cores)
-    assert resolve_workers("auto", torch.device(device)) == expected
-    assert resolve_workers(3, torch.device(device)) == 3  # a number given is used as it is
-
-
-def test_num_workers_is_auto_or_a_number():
-    for parse in (lambda a: inference.parse_args(["a.jpg", *a]), train.parse_args):
-        assert parse([]).num_workers == "auto"
-        assert parse(["--num-workers", "1"]).num_workers == 1
-    for bad in ("many", "-1"):
-        with pytest.raises(argparse.ArgumentTypeError, match="neither auto nor a number"):
-            workers_arg(bad)

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import dataset
-from dataset import NA, LabelTable, Report, UserError, parse_labels
+from dataset import NA, LabelTable, parse_labels
+from utils import Report, UserError
 
 
 def write(tmp_path, content, name="labels.txt"):

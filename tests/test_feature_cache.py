@@ -1,11 +1,14 @@
 """feature_cache.py: cached head inputs equal the full model's, the disk cache is reused, and damage is rebuilt."""
+import contextlib
 import copy
 import functools
+import io
 import json
 import math
 import os
 import re
 import tempfile
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ import train
 from conftest import FAST
 from dataset import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image
 from model import build_model
+from utils import Report
 
 SIZE = 64
 N = 5
@@ -49,22 +53,41 @@ def _free_models(one_thread):
     _model.cache_clear()
 
 
-class Calls:
-    """The warn / log / progress callbacks of train.cached_features_for, recorded."""
+class Calls(Report):
+    """What cached_features reports, recorded: warnings as (reason, message, fatal), log lines, progress."""
 
     def __init__(self):
+        super().__init__(stream=io.StringIO())
         self.warnings, self.logs, self.progress_done = [], [], 0
 
     def warn(self, reason, message, fatal=True):
         self.warnings.append((reason, message, fatal))
 
-    def log(self, message):
-        self.logs.append(message)
+    @contextlib.contextmanager
+    def recording(self):
+        calls = self
 
-    def progress(self, total, label):
-        def bar(n=1, note=""):
-            self.progress_done += n
-        return bar
+        class Bar:
+            def __init__(self, total, label):
+                pass
+
+            def __call__(self, n=1, note=""):
+                calls.progress_done += n
+
+            def close(self):
+                pass
+
+        with mock.patch.object(feature_cache, "log", self.logs.append), \
+                mock.patch.object(feature_cache, "Progress", Bar):
+            yield
+
+
+def run_cached(model, paths, cache_dir, calls, image_size=SIZE, batch_size=4, backbone=BACKBONE, mirror=None):
+    with calls.recording():
+        return feature_cache.cached_features(
+            model, paths, backbone=backbone, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            cache_dir=cache_dir, batch_size=batch_size, num_workers=0, device=torch.device("cpu"), amp=False,
+            report=calls, mirror=mirror)
 
 
 @pytest.fixture
@@ -89,10 +112,7 @@ def paths(tmp_path):
 
 
 def cached(model, paths, cache_dir, calls=None, image_size=SIZE, batch_size=4, backbone=BACKBONE):
-    calls = calls or Calls()
-    data, rows, ok = feature_cache.cached_features(
-        model, backbone, paths, image_size, IMAGENET_MEAN, IMAGENET_STD, cache_dir, batch_size, 0,
-        torch.device("cpu"), False, calls.warn, calls.log, calls.progress)
+    data, rows, ok = run_cached(model, paths, cache_dir, calls or Calls(), image_size, batch_size, backbone)
     return np.array(data[rows[ok]]), rows, ok  # (n_ok, 2, D), copied out of the memmap
 
 
@@ -372,7 +392,7 @@ def test_one_image_under_two_names_gets_right_features_for_every_path(tmp_path, 
 
 def test_cache_dir_that_cannot_be_created_is_a_user_error(tmp_path, paths):
     # STYLE: an error the user can cause (here --cache-dir naming a file) ends in one line naming the path.
-    from dataset import UserError
+    from utils import UserError
 
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where --cache-dir should be a folder\n")
@@ -386,9 +406,7 @@ def test_mirror_view_only_where_needed_and_added_later(tmp_path, paths, extracte
     m, cache_dir = make_model(), str(tmp_path / "cache")
     mirror = np.array([True, True, False, False, True])
     calls = Calls()
-    data, rows, ok = feature_cache.cached_features(
-        m, BACKBONE, paths, SIZE, IMAGENET_MEAN, IMAGENET_STD, cache_dir, 4, 0, torch.device("cpu"), False,
-        calls.warn, calls.log, calls.progress, mirror=mirror)
+    data, rows, ok = run_cached(m, paths, cache_dir, calls, mirror=mirror)
     assert ok.all()
     # 3 images x 2 views + 2 images x 1 view = 8 forwards.
     assert any("8 forwards (3 images x 2 views, 2 x 1, 0 mirror only)" in line for line in calls.logs)
@@ -407,9 +425,7 @@ def test_a_mirror_view_written_without_its_index_entry_is_not_trusted(tmp_path, 
     # A crash between writing the mirror bytes and the index: the index still says "no mirror view".
     m, cache_dir = make_model(), str(tmp_path / "cache")
     calls = Calls()
-    feature_cache.cached_features(m, BACKBONE, paths[:2], SIZE, IMAGENET_MEAN, IMAGENET_STD, cache_dir, 4, 0,
-                                  torch.device("cpu"), False, calls.warn, calls.log, calls.progress,
-                                  mirror=[False, False])
+    run_cached(m, paths[:2], cache_dir, calls, mirror=[False, False])
     folder = os.path.join(cache_dir, fingerprint_folders(cache_dir)[0])
     store = feature_cache.FeatureStore(folder, m.head.in_features)
     key = feature_cache.image_key(paths[0])

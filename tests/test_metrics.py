@@ -211,17 +211,14 @@ def test_tune_threshold_without_positives():
 
 # ---- precision_recall_curve ----
 
-@pytest.mark.parametrize("seed", [0, 1, 5])
-def test_precision_recall_curve_matches_sklearn(seed):
-    scores, targets = make_data(seed)
-    for k in range(targets.shape[1]):
-        s, y = known(scores, targets, k)
-        precision, recall, cuts = precision_recall_curve(s, y)
-        sk_p, sk_r, sk_t = skm.precision_recall_curve(y, s)
-        # sklearn: thresholds increasing, and precision/recall carry an extra (1, 0) end point
-        assert np.allclose(cuts[::-1], sk_t)
-        assert np.allclose(precision[::-1], sk_p[:-1])
-        assert np.allclose(recall[::-1], sk_r[:-1])
+def test_precision_recall_curve_hand_computed_and_none_without_positives():
+    # scores 0.9 (pos), 0.7 (neg), 0.6 (pos), 0.2 (neg); cuts increasing, then the (1, 0) end point
+    precision, recall, cuts = precision_recall_curve(np.array([0.9, 0.7, 0.6, 0.2]),
+                                                     np.array([True, False, True, False]))
+    np.testing.assert_allclose(cuts, [0.2, 0.6, 0.7, 0.9])
+    np.testing.assert_allclose(precision, [2 / 4, 2 / 3, 1 / 2, 1, 1])
+    np.testing.assert_allclose(recall, [1, 1, 1 / 2, 1 / 2, 0])
+    assert precision_recall_curve(np.array([0.3, 0.4]), np.array([False, False])) is None
 
 
 # ---- format_table / to_json ----

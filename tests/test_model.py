@@ -2,8 +2,6 @@
 import copy
 import functools
 import os
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 
@@ -13,8 +11,8 @@ import torchvision
 
 import model
 import train
-from conftest import ROOT
-from dataset import IMAGENET_MEAN, IMAGENET_STD, UserError
+from dataset import IMAGENET_MEAN, IMAGENET_STD
+from utils import UserError
 from loss import MaskedBCE
 
 K = 4
@@ -307,9 +305,11 @@ def make_checkpoint_file(tmp_path, backbone, unfreeze="none"):
     attributes = ["long", "dark", "patterned", "logo"]
     counts = {"positive": [3, 2, 1, 1], "negative": [1, 2, 3, 3], "na": [0, 0, 0, 0]}
     thresholds = [0.25, 0.5, 0.625, 0.75]
-    ckpt = train.make_checkpoint(m, args, attributes, counts, thresholds, 3, 0.5, SIZE)
+    ckpt = model.make_checkpoint(m, backbone=backbone, attributes=attributes, image_size=SIZE,
+                                 mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), thresholds=thresholds,
+                                 config=train.plain_config(args), label_counts=counts, epoch=3, val_map=0.5)
     path = str(tmp_path / "model.pth")
-    train.save(ckpt, path)
+    model.save_checkpoint(ckpt, path)
     return m.eval(), path, attributes, thresholds
 
 
@@ -349,34 +349,6 @@ def test_load_checkpoint_refuses_a_pickle_with_code(tmp_path):
 def test_load_checkpoint_missing_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="absent.pth"):
         model.load_checkpoint(str(tmp_path / "absent.pth"))
-
-
-# ---- device and autocast ----
-
-def test_pick_device(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert model.pick_device("cpu") == torch.device("cpu")
-    assert model.pick_device("auto") == torch.device("cpu")
-    with pytest.raises(UserError, match="cuda"):
-        model.pick_device("cuda")
-    with pytest.raises(UserError, match="mps"):
-        model.pick_device("mps")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert model.pick_device("auto") == torch.device("cuda")
-
-
-def test_auto_device_on_this_machine():
-    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert model.pick_device("auto").type == expected
-
-
-def test_amp_context_on_cpu():
-    a, b = torch.randn(4, 4), torch.randn(4, 4)
-    with model.amp_context(torch.device("cpu"), True):
-        assert (a @ b).dtype == torch.bfloat16
-    with model.amp_context(torch.device("cpu"), False):
-        assert (a @ b).dtype == torch.float32
 
 
 def test_weights_path_can_be_one_of_our_own_checkpoints(tmp_path):
@@ -433,28 +405,3 @@ def test_fold_batchnorm_computes_the_same_features_and_leaves_the_model_alone(ba
         assert left <= total  # DenseNet's come before their conv; lite0's convs are the package's own class
     after = m.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-
-
-KEEP_FREED = """
-import os, sys, torch, model
-applied = model.keep_freed_memory(torch.device(sys.argv[1]))
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-x = torch.ones(64 * 2**20 // 4)  # 64 MiB
-held = rss()
-del x
-print(applied, (held - rss()) / 2**20)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-@pytest.mark.parametrize("device,applied", [("cpu", True), ("meta", False)])
-def test_keep_freed_memory_keeps_a_freed_block_for_reuse_on_cpu_only(device, applied):
-    done = subprocess.run([sys.executable, "-c", KEEP_FREED, device], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    was_applied, returned_mib = done.stdout.split()
-    assert was_applied == str(applied)
-    if applied:
-        assert float(returned_mib) < 8  # kept by the process, ready for the next batch
-    else:
-        assert float(returned_mib) > 56  # glibc's default: a block this big is unmapped when freed

@@ -218,3 +218,80 @@ def test_no_keep_freed_memory_is_said_in_the_first_line(tiny_set, tmp_path, caps
     assert train.main(train_args(tiny_set, tmp_path, "--no-keep-freed-memory", "--val-fraction", "0")) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("path: cached features") and "freed memory" not in first
+
+
+# ---- the one loop ----
+
+def test_lr_factor_hand_computed():
+    # none: constant; linear warm-up over 4 steps: (step + 1) / 4
+    assert [train.lr_factor(s, schedule="none", total_steps=10, warmup_steps=4) for s in range(5)] == \
+        [0.25, 0.5, 0.75, 1.0, 1.0]
+    # cosine after a 2-step warm-up over the 8 steps left: step 6 is halfway, (1 + cos(pi / 2)) / 2 = 0.5
+    assert train.lr_factor(6, schedule="cosine", total_steps=10, warmup_steps=2) == pytest.approx(0.5)
+    assert train.lr_factor(10, schedule="cosine", total_steps=10, warmup_steps=2) == pytest.approx(0.0)
+    # onecycle, 30% warm-up when none is given: 1/25 at step 0, 1 at step 3 of 10, 1/25e4 at the end
+    assert train.lr_factor(0, schedule="onecycle", total_steps=10, warmup_steps=0) == pytest.approx(1 / 25)
+    assert train.lr_factor(3, schedule="onecycle", total_steps=10, warmup_steps=0) == pytest.approx(1.0)
+    assert train.lr_factor(10, schedule="onecycle", total_steps=10, warmup_steps=0) == pytest.approx(1 / 25e4)
+
+
+def test_the_loop_trains_the_same_head_from_features_and_from_images(tiny_set):
+    # Features of the unflipped images through the head are the images through the model, so one epoch of the
+    # one loop (same batches in the same order) gives the same head from either source of batches.
+    import numpy as np
+
+    import feature_cache
+    from data_loader import FeatureBatches, ImageBatches
+    from dataset import eval_transform, load_dataset
+    from loss import MaskedBCE
+    from model import build_model
+    from utils import Report, StopFlag
+
+    report = Report()
+    _, paths, targets = load_dataset(*tiny_set, report)
+    index = np.arange(len(paths))
+    torch.manual_seed(0)
+    model = build_model("resnet50", 4, "none", "none", 64).eval()
+    features = np.concatenate([f for _, f, _ in feature_cache.extract(model, paths, 64, (0.485, 0.456, 0.406),
+                                                                        (0.229, 0.224, 0.225), 8, 0,
+                                                                        torch.device("cpu"), False, views=(0,))])
+    features = np.repeat(features, 2, axis=1)  # both views unflipped: the image source below does not flip
+    heads = []
+    for source in ("features", "images"):
+        m = build_model("resnet50", 4, "none", "none", 64)
+        m.load_state_dict(model.state_dict())
+        if source == "features":
+            batches, forward = FeatureBatches(features, index, index, targets, batch_size=8, shuffle=False,
+                                              seed=1), m.head
+        else:
+            batches = ImageBatches(paths, index, targets, eval_transform(64), batch_size=8, shuffle=False,
+                                   num_workers=0, seed=1, device=torch.device("cpu"), report=report)
+            forward = train.image_forward(m, device=torch.device("cpu"), amp=False)
+        batches.set_epoch(2)
+        optimizer = train.make_optimizer(m, train.parse_args([]))
+        stop = StopFlag()
+        losses, seen = train.train_one_epoch(forward, batches, loss_fn=MaskedBCE(torch.ones(4)), optimizer=optimizer,
+                                             lr_at=lambda step: 1.0, first_step=0, device=torch.device("cpu"),
+                                             stop=stop, label="test")
+        stop.restore()
+        assert seen == len(paths) and len(losses) == 3
+        heads.append(m.head.weight.detach().clone())
+    # Adam moves each weight by about lr = 1e-3 a step, whatever the gradient's size: another order or other
+    # targets differ by that much; the two forwards (BatchNorm folded or not) by float rounding only.
+    torch.testing.assert_close(heads[0], heads[1], atol=1e-4, rtol=0)
+
+
+def test_an_old_format_last_checkpoint_gets_a_clear_error_and_its_best_model_still_predicts(tiny_set, tmp_path,
+                                                                                              capsys):
+    assert train.main(train_args(tiny_set, tmp_path)) == 0
+    for name in ("model_last.pth", "model.pth"):
+        ckpt = torch.load(tmp_path / name, weights_only=True)
+        ckpt["format"] = "aimonk-multilabel/1"  # the format before the step-function learning rate
+        torch.save(ckpt, tmp_path / name)
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "model_last.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "older version" in err and err.count("\n") == 1
+    image = os.path.join(tiny_set[1], "img_0001.jpg")
+    assert inference.main([image, "--model", str(tmp_path / "model.pth")]) == 0
+    assert PRESENT.match(capsys.readouterr().out.rstrip("\n"))

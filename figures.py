@@ -1,0 +1,108 @@
+"""The figures train.py writes: loss_curve.png and metrics.png (matplotlib, files only, no display)."""
+import numpy as np
+
+from metrics import _known, average_precision, precision_recall_curve
+from utils import atomic_write
+
+MAX_CURVE_POINTS = 300  # a curve of 200k validation images draws in milliseconds once thinned to this
+MAX_LINES = 20  # beyond this many attributes one line each is unreadable: a sorted summary instead
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def thin(*arrays, points=MAX_CURVE_POINTS):
+    """Every n-th point of equally long arrays, always keeping the last."""
+    n = len(arrays[0])
+    if n <= points:
+        return arrays
+    keep = np.unique(np.r_[np.linspace(0, n - 1, points).astype(np.int64), n - 1])
+    return tuple(np.asarray(a)[keep] for a in arrays)
+
+
+def loss_curve_figure(losses):
+    """One point per optimizer step, labelled as the spec asks."""
+    fig, ax = pyplot().subplots(figsize=(8, 4.5))
+    steps, values = thin(np.arange(1, len(losses) + 1), np.asarray(losses, dtype=np.float64), points=5000)
+    ax.plot(steps, values, linewidth=1)
+    ax.set_xlabel("iteration_number")
+    ax.set_ylabel("training_loss")
+    ax.set_title("Aimonk_multilabel_problem")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def metrics_figure(history, scores, y, thresholds, attributes):
+    """Validation AP per epoch, and precision-recall curves at the best epoch with the tuned thresholds marked.
+    Past MAX_LINES attributes: the spread of AP per epoch, and each attribute's AP at the best epoch, sorted."""
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(12, 4.8))
+    epochs = [h["epoch"] for h in history]
+    left.plot(epochs, [h["map"] for h in history], "k-", linewidth=2.5, label="mAP")
+    many = len(attributes) > MAX_LINES
+    if many:
+        ap = np.array([[np.nan if a is None else a for a in h["ap"]] for h in history], dtype=np.float64)
+        low, high = np.nanpercentile(ap, 10, axis=1), np.nanpercentile(ap, 90, axis=1)
+        left.fill_between(epochs, low, high, alpha=0.3, label="10th-90th percentile of attribute AP")
+    else:
+        for k, name in enumerate(attributes):
+            left.plot(epochs, [h["ap"][k] for h in history], linewidth=1, label=f"{name} AP")
+    left.set_xlabel("epoch")
+    left.set_ylabel("validation average precision")
+    left.set_title("Validation AP per epoch")
+    left.legend(fontsize=8, loc="lower right")
+    left.grid(alpha=0.3)
+    if many:
+        _ap_summary(right, [average_precision(*_known(scores, y, k)) for k in range(len(attributes))], attributes)
+    else:
+        _pr_curves(right, scores, y, thresholds, attributes)
+    fig.tight_layout()
+    return fig
+
+
+def _pr_curves(ax, scores, y, thresholds, attributes):
+    for k, name in enumerate(attributes):
+        known = y[:, k] >= 0
+        s, positive = scores[known, k], y[known, k] == 1
+        curve = precision_recall_curve(s, positive)
+        if curve is None:
+            continue
+        precision, recall = thin(curve[0][::-1], curve[1][::-1])  # recall increasing
+        line, = ax.step(recall, precision, where="post", label=f"{name} (thr {thresholds[k]:.2f})")
+        predicted = s >= thresholds[k]
+        tp = (predicted & positive).sum()
+        ax.plot(tp / positive.sum(), tp / max(predicted.sum(), 1), "o", color=line.get_color(), markersize=8)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall at the best epoch (dot: tuned threshold)")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+
+
+def _ap_summary(ax, ap, attributes):
+    ap = np.array([np.nan if a is None else a for a in ap], dtype=np.float64)
+    order = np.argsort(np.where(np.isnan(ap), np.inf, ap), kind="stable")
+    ax.plot(np.arange(len(order)), ap[order], "k.-", markersize=3)
+    worst = [i for i in order if not np.isnan(ap[i])][:8]
+    for rank, i in enumerate(worst):
+        ax.annotate(f"{attributes[i]} {ap[i]:.2f}", (rank, ap[i]), xytext=(30, 6 + 11 * rank),
+                    textcoords="offset points", fontsize=7, arrowprops={"arrowstyle": "-", "lw": 0.5})
+    ax.set_xlabel(f"attribute, sorted by AP ({len(attributes)} attributes; no known positives: "
+                  f"{int(np.isnan(ap).sum())})")
+    ax.set_ylabel("validation average precision")
+    ax.set_title("AP per attribute at the best epoch (the worst named)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+
+
+def save_figure(fig, path):
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    pyplot().close(fig)

@@ -1,0 +1,265 @@
+"""Run-time helpers shared by the scripts: errors and warnings, progress, Ctrl-C, atomic writes, device,
+seeding, and the command-line flags every script has. Importing it does not import torch (the ONNX
+Runtime path of inference.py runs without PyTorch)."""
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter
+
+
+class UserError(Exception):
+    """An error the user can fix (bad file, bad option). Scripts print it as one `error:` line."""
+
+
+def run_cli(run, args):
+    """Run a script's run(args): a UserError becomes one `error:` line and exit code 2 (a traceback with --debug)."""
+    try:
+        return run(args)
+    except UserError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+class Report:
+    """Collects warnings (printed as they happen, counted by reason); under strict the first one is an error."""
+
+    def __init__(self, strict=False, stream=None):
+        self.strict = strict
+        self.stream = stream
+        self.counts = Counter()
+        self.messages = []  # kept for the run's summary file: warnings scroll away on a big data set
+
+    def warn(self, reason, message, fatal=True):
+        """fatal=False for problems of our own making (a damaged cache), which --strict does not stop on."""
+        if self.strict and fatal:
+            raise UserError(f"{message} (--strict turns warnings into errors)")
+        self.counts[reason] += 1
+        self.messages.append(message)
+        print(f"warning: {message}", file=self.stream or sys.stderr)
+
+    @property
+    def total(self):
+        return sum(self.counts.values())
+
+    def summary(self):
+        return ", ".join(f"{n} {reason}" for reason, n in self.counts.items())
+
+
+def log(message=""):
+    print(message, flush=True)
+
+
+class Progress:
+    """A progress bar on a terminal; elsewhere (logs, CI) a line at most every 30 seconds."""
+
+    def __init__(self, total, label):
+        self.total, self.label, self.done = total, label, 0
+        self.started = self.shown = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, n=1, note=""):
+        self.done += n
+        now = time.time()
+        finished = self.done >= self.total
+        if self.tty and (now - self.shown > 0.2 or finished):
+            width = 30
+            filled = int(width * self.done / max(self.total, 1))
+            rate = self.done / max(now - self.started, 1e-9)
+            print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                  f"{rate:.1f}/s {note}", end="\n" if finished else "", file=sys.stderr, flush=True)
+            self.shown = now
+        elif not self.tty and now - self.shown > 30 and not finished:
+            print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
+            self.shown = now
+
+    def close(self):
+        """End the bar's line where the count fell short of the total (skipped images)."""
+        if self.tty and self.done < self.total:
+            print(file=sys.stderr, flush=True)
+
+
+class StopFlag:
+    """First Ctrl-C asks the loop to stop at the next step and save; a second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupted: finishing the step, then saving (Ctrl-C again to quit at once)", file=sys.stderr)
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def check_writable(paths):
+    """Fail before training, not after it: every output folder must exist (or be creatable) and be writable."""
+    for path in paths:
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{path}: cannot create the folder {folder} ({e.strerror}); choose another output path")
+        if not os.access(folder, os.W_OK):
+            raise UserError(f"{path}: the folder {folder} is not writable; choose another output path")
+        if os.path.isdir(path) or path.endswith(("/", os.sep)):
+            raise UserError(f"{path}: is a folder; give a file path")
+
+
+def atomic_write(path, write):
+    """write(tmp_path) then rename: a crash never leaves half a file at path."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=1) + "\n")
+
+    atomic_write(path, write)
+
+
+# ---- device and memory ----
+
+def pick_device(choice="auto"):
+    import torch
+
+    if choice != "auto":
+        if choice == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda asked for, but no CUDA device is available; use --device auto")
+        if choice == "mps" and not torch.backends.mps.is_available():
+            raise UserError("--device mps asked for, but MPS is not available; use --device auto")
+        if choice not in ("cpu", "cuda", "mps"):
+            raise UserError(f"unknown device {choice!r}; use auto, cpu, cuda or mps")
+        return torch.device(choice)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def amp_context(device, enabled):
+    """bf16 autocast for the backbone where the device supports it; a no-op context otherwise."""
+    import torch
+
+    if enabled and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def keep_freed_memory(device):
+    """On a CPU under glibc (Linux): big blocks come from the heap and freed memory stays there for reuse, for the
+    rest of this process and the DataLoader workers it starts. By default glibc maps every large activation afresh
+    and unmaps it when freed, so each backbone forward page-faults its memory in again (tens of thousands of
+    faults per image): ResNet50 forwards ran 1.1-1.7x faster on a 2-core CPU this way, for up to 0.7 GB more
+    peak memory (README, Speed). Elsewhere it does nothing. Returns whether it was applied."""
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # an int parameter: a bigger value would wrap around
+        m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):  # musl or another libc: keep its defaults
+        return False
+
+
+def workers_arg(value):
+    """argparse type of --num-workers: auto or a number."""
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither auto nor a number of 0 or more")
+    return number
+
+
+def resolve_workers(num_workers, device):
+    """auto: 2 DataLoader workers, or none on a CPU with 2 cores or fewer. There the workers take cores from the
+    forward itself, and decoding in the main process is faster (measured: benchmarks/bench_train.py --sweep)."""
+    if num_workers != "auto":
+        return num_workers
+    return 0 if device.type == "cpu" and (os.cpu_count() or 1) <= 2 else 2
+
+
+def add_runtime_flags(parser, *, batch_size=32, num_workers="auto", device="auto", keep_freed=True):
+    """The flags every script shares: batch size, loader workers, device, the allocator setting, --debug."""
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per batch")
+    parser.add_argument("--num-workers", type=workers_arg, default=num_workers,
+                        help="DataLoader worker processes: auto (2, or 0 on a CPU with <= 2 cores) or a number")
+    parser.add_argument("--device", default=device, choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto: cuda, then mps, then cpu")
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=keep_freed,
+                        help="cpu, Linux: reuse freed memory instead of unmapping it (faster forwards, more RAM)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def check_batch_size(args):
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+
+
+# ---- seeding ----
+
+def seed_everything(seed):
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id):
+    # Each DataLoader worker gets a different seed derived from the loader's generator, so runs repeat exactly.
+    import numpy as np
+    import torch
+
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def rng_state():
+    """Every random generator's state as plain tensors and strings (loads with weights_only=True)."""
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "python": json.dumps(random.getstate())}
+
+
+def restore_rng(state):
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_key"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    version, key, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(key), gauss))
