@@ -29,6 +29,24 @@ def split_indices(targets, val_fraction, seed):
     return np.flatnonzero(part == 0), np.flatnonzero(part == 1)
 
 
+def fold_indices(targets, folds, seed):
+    """Fold (0 .. folds-1) of each row, folds of equal size (within one row) that each keep every attribute's
+    known-positive and known-negative rates: the split above applied folds - 1 times to what is left."""
+    n = len(targets)
+    if not 2 <= folds <= n:
+        raise UserError(f"{n} usable image(s) cannot be cross-validated in {folds} folds; use fewer folds "
+                        "or --folds 0")
+    t = np.asarray(targets)
+    labels = np.concatenate([t == 1, t == 0], axis=1)
+    rng = np.random.default_rng(seed)
+    fold, rest = np.full(n, folds - 1), np.arange(n)
+    for f in range(folds - 1):
+        part = iterative_stratification(labels[rest], round(len(rest) / (folds - f)), rng)
+        fold[rest[part == 1]] = f
+        rest = rest[part == 0]
+    return fold
+
+
 def iterative_stratification(labels, n_val, rng):
     """Part (0 train, 1 val) of each row: Sechidis et al. (2011) iterative stratification, with each part
     closed once full so that val gets exactly n_val rows.
@@ -151,11 +169,12 @@ class ImageBatches:
 class FeatureBatches:
     """(indices into the full set, features, targets) from cached backbone features (rows, 2, D): view 0 is the
     image as is, view 1 mirrored. Shuffled batches take one view per image at random every epoch, which is
-    exactly RandomHorizontalFlip(0.5); in order (validation) they take view 0."""
+    exactly RandomHorizontalFlip(0.5); in order (validation) they take view 0, or both views (b, 2, D) for flip
+    test-time augmentation (model.flip_tta)."""
 
-    def __init__(self, features, rows, index, targets, *, batch_size, shuffle, seed):
+    def __init__(self, features, rows, index, targets, *, batch_size, shuffle, seed, both_views=False):
         self.features, self.rows, self.index, self.targets = features, rows, np.asarray(index), targets
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.batch_size, self.shuffle, self.seed, self.both_views = batch_size, shuffle, seed, both_views
         self.epoch = 0
         self.num_images = len(self.index)
 
@@ -173,5 +192,8 @@ class FeatureBatches:
             views = torch.randint(0, 2, (len(order),), generator=g).numpy()
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            x = np.asarray(self.features[self.rows[batch], views[start:start + len(batch)]])
+            if self.both_views:
+                x = np.asarray(self.features[self.rows[batch]])
+            else:
+                x = np.asarray(self.features[self.rows[batch], views[start:start + len(batch)]])
             yield batch, torch.from_numpy(x), self.targets[batch]

@@ -16,7 +16,7 @@ from data_loader import ImageBatches
 from dataset import eval_transform, load_dataset
 from inference import KEEP_FREED_MEMORY, NUM_WORKERS
 from metrics import attribute_metrics, format_table, to_json
-from model import folded_forward, load_checkpoint, model_from_checkpoint
+from model import flip_tta, folded_forward, load_checkpoint, model_from_checkpoint
 from train import evaluate
 from utils import (Report, UserError, add_runtime_flags, check_batch_size, keep_freed_memory, pick_device,
                    resolve_workers, run_cli)
@@ -29,6 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="model.pth", help="checkpoint written by train.py")
     p.add_argument("--threshold", type=float, help="one threshold for every attribute (default: the tuned ones)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--no-tta", action="store_true", help="skip the flip test-time augmentation (see inference.py)")
     p.add_argument("--strict", action="store_true", help="every warning about the input is an error")
     add_runtime_flags(p, num_workers=NUM_WORKERS, keep_freed=KEEP_FREED_MEMORY)
     return p.parse_args(argv)
@@ -53,7 +54,10 @@ def run(args):
                            batch_size=args.batch_size, shuffle=False,
                            num_workers=resolve_workers(args.num_workers, device), seed=0, device=device,
                            report=report)
-    scores, index, _ = evaluate(folded_forward(model), batches, device=device)
+    forward = folded_forward(model)
+    if ckpt.get("tta", False) and not args.no_tta:
+        forward = flip_tta(forward, features=False)
+    scores, index, _ = evaluate(forward, batches, device=device)
     if not len(index):
         raise UserError(f"{args.labels}: no image could be read")
     result = attribute_metrics(scores, targets[index].numpy(), thresholds, attributes)

@@ -194,7 +194,7 @@ def cached_features(model, paths, *, backbone, image_size, mean, std, cache_dir,
     def should_stop():
         return stop is not None and stop.requested
 
-    dim = model.head.in_features
+    dim = model.feature_dim
     mirror = np.ones(len(paths), dtype=bool) if mirror is None else np.asarray(mirror, dtype=bool)
     temporary = tempfile.mkdtemp(prefix="features-") if cache_dir is None else None
     folder = temporary or os.path.join(cache_dir, fingerprint(model, backbone, image_size, mean, std, amp))

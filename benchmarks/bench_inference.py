@@ -110,9 +110,11 @@ def predict_rate(model_path, paths, args, workers):
     model = model_from_checkpoint(ckpt, model_path).to(memory_format=torch.channels_last)
     transform = eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"])
     cpu = torch.device("cpu")
-    list(inference.predict(model, paths[:args.batch_size], transform, cpu, args.batch_size, 0))  # warm-up
+    list(inference.predict(model, paths[:args.batch_size], transform, device=cpu, batch_size=args.batch_size,
+                           num_workers=0))  # warm-up
     started = time.perf_counter()
-    results = list(inference.predict(model, paths, transform, cpu, args.batch_size, workers))
+    results = list(inference.predict(model, paths, transform, device=cpu, batch_size=args.batch_size,
+                                     num_workers=workers))
     elapsed = time.perf_counter() - started
     assert len(results) == len(paths) and all(e is None for _, _, e in results)
     return len(paths) / elapsed

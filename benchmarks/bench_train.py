@@ -399,7 +399,7 @@ def main(argv=None):
         if not args.no_amp:
             print("(c'') train.main --amp, cold cache ...", flush=True)
             c_amp = project_path(labels, images, args, os.path.join(work, "c_amp"), os.path.join(work, "cache_amp"),
-                                 ["--amp"])
+                                 ["--amp", "on"])
             loads["c''"] = os.getloadavg()[0]
         floor = None
         if args.noise_seeds:

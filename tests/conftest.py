@@ -2,6 +2,8 @@
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -11,8 +13,10 @@ sys.path.insert(0, ROOT)
 
 import make_sample  # noqa: E402
 
-# Small images keep every backbone forward cheap; the pipeline does not care about the size.
-FAST = ["--weights", "none", "--image-size", "64", "--num-workers", "0", "--batch-size", "8"]
+# Small images keep every backbone forward cheap; the pipeline does not care about the size. "--folds 0": one
+# validation split, whose outputs (val_labels.txt, a best epoch) most tests check; the cross-validation tests
+# (test_train.py) leave it out.
+FAST = ["--weights", "none", "--image-size", "64", "--num-workers", "0", "--batch-size", "8", "--folds", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +42,26 @@ def run_script(script, *args, cwd=None, timeout=300):
     """Run one of the project's scripts as the user would; returns CompletedProcess (text)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # a set_dir() elsewhere would win over TORCH_HOME
+    assert torch.hub.get_dir() == str(home / "hub")
+    return home
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any download attempt raises URLError, as it does on a machine without internet; returns the attempts."""
+    attempts = []
+
+    def refuse(url, *args, **kwargs):
+        attempts.append(url if isinstance(url, str) else getattr(url, "full_url", url))
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    return attempts

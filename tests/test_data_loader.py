@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data_loader
 from data_loader import make_loader, split_indices
 from dataset import ImageDataset, collate, eval_transform, train_transform
 from utils import UserError
@@ -160,3 +161,41 @@ def test_random_augmentation_in_workers_repeats_with_the_seed(image_folder):
         return torch.cat([b[1] for b in batches(make_loader(dataset, 2, False, num_workers=2, seed=4))])
 
     assert torch.equal(run(), run())
+
+
+# ---- k folds ----
+
+def test_fold_indices_are_equal_stratified_and_repeat_with_the_seed():
+    targets = random_targets(103, seed=4).numpy()
+    fold = data_loader.fold_indices(targets, 5, seed=1)
+    sizes = np.bincount(fold, minlength=5)
+    assert sorted(sizes.tolist()) == [20, 20, 21, 21, 21]  # 103 rows: sizes within one row of 103 / 5
+    for f in range(5):
+        part = targets[fold == f]
+        for k in range(targets.shape[1]):
+            known = targets[:, k] >= 0
+            rate = (targets[known, k] == 1).mean()
+            part_known = part[:, k] >= 0
+            # within two rows of the whole set's rate among the fold's known cells
+            assert abs((part[part_known, k] == 1).sum() - rate * part_known.sum()) <= 2.0
+    np.testing.assert_array_equal(fold, data_loader.fold_indices(targets, 5, seed=1))
+    assert not np.array_equal(fold, data_loader.fold_indices(targets, 5, seed=2))
+
+
+def test_fold_indices_need_at_least_two_folds_and_a_row_each():
+    targets = random_targets(3, seed=0).numpy()
+    with pytest.raises(UserError, match="cannot be cross-validated in 4 folds"):
+        data_loader.fold_indices(targets, 4, seed=0)
+    assert sorted(data_loader.fold_indices(targets, 3, seed=0).tolist()) == [0, 1, 2]
+
+
+def test_feature_batches_take_a_random_view_in_training_and_both_for_tta():
+    features = np.arange(6 * 2 * 1, dtype=np.float32).reshape(6, 2, 1)  # row r: view 0 = 2r, view 1 = 2r + 1
+    rows, index, targets = np.arange(6), np.arange(6), torch.zeros(6, 1, dtype=torch.long)
+    train = data_loader.FeatureBatches(features, rows, index, targets, batch_size=4, shuffle=True, seed=0)
+    seen = np.concatenate([x.numpy()[:, 0] for _, x, _ in train])
+    assert sorted(seen // 2) == list(range(6))  # every image once, one of its two views
+    both = data_loader.FeatureBatches(features, rows, index, targets, batch_size=4, shuffle=False, seed=0,
+                                      both_views=True)
+    first = next(iter(both))[1]
+    assert first.shape == (4, 2, 1) and first[1].tolist() == [[2.0], [3.0]]

