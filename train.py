@@ -29,8 +29,8 @@ from figures import loss_curve_figure, metrics_figure, save_figure
 from loss import LOSSES, make_loss, pos_weights
 from metrics import attribute_metrics, format_table, macro_f1, to_json
 from model import BACKBONES, build_model, load_checkpoint, make_checkpoint, save_checkpoint
-from utils import (Progress, Report, StopFlag, UserError, add_runtime_flags, amp_context, check_writable,
-                   keep_freed_memory, log, pick_device, resolve_workers, restore_rng, rng_state, run_cli,
+from utils import (Progress, Report, StopFlag, UserError, add_runtime_flags, amp_context, check_folder,
+                   check_writable, keep_freed_memory, log, pick_device, resolve_workers, restore_rng, rng_state, run_cli,
                    seed_everything, write_json)
 
 # ---- hyperparameters (each can be overridden: --name value) ----
@@ -236,8 +236,9 @@ def setup(args):
     parse_checks(args)
     outputs = output_paths(args)
     cached = args.unfreeze == "none" and args.augment == "flip"
-    cache_index = [os.path.join(args.cache_dir, "index.json")] if cached and not args.no_cache else []
-    check_writable(list(outputs.values()) + cache_index)
+    check_writable(list(outputs.values()))
+    if cached and not args.no_cache:
+        check_folder(args.cache_dir, "the feature cache folder", hint="give another --cache-dir or use --no-cache")
     reason = "frozen backbone, flip-only augmentation" if cached else \
         ("--unfreeze last" if args.unfreeze != "none" else "--augment strong")
     device = pick_device(args.device)
@@ -474,9 +475,22 @@ def run(args):
         fit(job)
     finally:
         job.stop.restore()
-        for key, checkpoint in job.pending.items():
-            save_checkpoint(checkpoint, job.outputs[key])
+        write_pending(job)
     return finish(job)
+
+
+def write_pending(job):
+    """The checkpoints the cached path kept in memory: each one written, or named in one error (a file that was
+    not written keeps what it held before: writes go to a temporary file that replaces it only when whole)."""
+    failed = []
+    for key, checkpoint in job.pending.items():
+        try:
+            save_checkpoint(checkpoint, job.outputs[key])
+        except UserError as e:
+            failed.append(str(e))
+    if failed:
+        raise UserError(f"{len(failed)} of {len(job.pending)} checkpoints of this run not written, "
+                        f"what was on disk is unchanged: " + " | ".join(failed))
 
 
 def main(argv=None):
