@@ -30,8 +30,8 @@ from loss import LOSSES, make_loss, pos_weights
 from metrics import attribute_metrics, format_table, macro_f1, to_json
 from model import BACKBONES, build_model, load_checkpoint, make_checkpoint, save_checkpoint
 from utils import (Progress, Report, StopFlag, UserError, add_runtime_flags, amp_context, check_folder,
-                   check_writable, keep_freed_memory, log, pick_device, resolve_workers, restore_rng, rng_state, run_cli,
-                   seed_everything, write_json)
+                   check_writable, keep_freed_memory, log, pick_device, resolve_workers, restore_rng, rng_state,
+                   run_cli, seed_everything, write_json)
 
 # ---- hyperparameters (each can be overridden: --name value) ----
 LABELS = "labels.txt"  # labels file: image_name v1 .. vK per line, values 1 / 0 / NA
