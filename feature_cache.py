@@ -11,7 +11,7 @@ index.npz (numpy arrays, no pickle): `meta` (JSON: version, D, the data file's n
 "path|size|mtime_ns" of rows 0..n-1, joined by NUL) and `crc` (n x 2 int64: crc32 of view 0 and of view 1, -1
 where the mirror view is not stored). The fingerprint hashes the backbone's weights, the image size and the
 normalization, so any change of those lands in a new folder. Arrays, not JSON: at 1M rows the index is written
-and read in about a second (benchmarks/bench_cache_index.py; JSON of a dict of lists took many times that).
+and read in 1-2 s (benchmarks/bench_cache_index.py; as JSON, a dict of lists, it took 12-15 s each way).
 
 Crash and sharing safety. Runs sharing a folder take turns on a lock file, but a run trains from a memory map
 of the data file after it has let go of the lock, so:
@@ -20,9 +20,9 @@ of the data file after it has let go of the lock, so:
   row. The rows already indexed stay usable.
 - A data file is never cut below its indexed rows, and their bytes are never rewritten: another run may have
   them mapped (truncating a mapped file kills that run with SIGBUS). Only the partial rows of a failed append,
-  past every indexed row, are cut off, to give the index room on a full disk. The only in-place write is a mirror view into a row
-  whose index entry says it has none, bytes that no run reads; its checksum enters the index after they are on
-  disk.
+  past every indexed row, are cut off, to give the index room on a full disk. The only in-place write is a
+  mirror view into a row whose index entry says it has none, bytes that no run reads; its checksum enters the
+  index after they are on disk.
 - A damaged cache (an index that cannot be read or has the wrong shape, types, version or D, a data file shorter
   than the index, a row whose checksum fails) is rebuilt, never trusted, with a warning: into a new data file,
   the index switched to it atomically, the old file unlinked (runs that have it mapped keep it until they end).

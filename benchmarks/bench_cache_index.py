@@ -35,7 +35,7 @@ def make_keys(n, seed=0):
 
 
 def json_write(path, keys, crc):
-    """Version 2: {"version", "dim", "rows": {key: [row, crc0, crc1 or null]}}, written to a temporary file and renamed."""
+    """Version 2: {"version", "dim", "rows": {key: [row, crc0, crc1 or null]}}, via a temporary file and a rename."""
     rows = {k: [i, int(c0), None if c1 < 0 else int(c1)] for i, (k, (c0, c1)) in enumerate(zip(keys, crc.tolist()))}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
