@@ -6,16 +6,34 @@ features are stored; training the head then picks one of the two views per image
 exactly RandomHorizontalFlip(p=0.5). Validation images only need the first view, so their mirror view is
 computed only if a later run trains on them.
 
-Layout: <cache dir>/<fingerprint>/features.f32 (raw float32 rows of 2 x D) and index.json, which maps
-"path|size|mtime_ns" to (row, crc32 of view 0, crc32 of view 1 or null when it is not stored). The fingerprint hashes the backbone's weights, the image size and the
-normalization, so any change of those lands in a new folder. Rows are appended and the index is replaced
-atomically afterwards, so a crash leaves rows without index entries (cut off on the next run), never an
-index entry without its row. A damaged index or a row whose checksum fails is rebuilt, never trusted.
+Layout: <cache dir>/<fingerprint>/ holds a data file features-<token>.f32 (raw float32 rows of 2 x D) and
+index.npz (numpy arrays, no pickle): `meta` (JSON: version, D, the data file's name), `keys` (the image keys
+"path|size|mtime_ns" of rows 0..n-1, joined by NUL) and `crc` (n x 2 int64: crc32 of view 0 and of view 1, -1
+where the mirror view is not stored). The fingerprint hashes the backbone's weights, the image size and the
+normalization, so any change of those lands in a new folder. Arrays, not JSON: at 1M rows the index is written
+and read in 1-2 s (benchmarks/bench_cache_index.py; as JSON, a dict of lists, it took 12-15 s each way).
+
+Crash and sharing safety. Runs sharing a folder take turns on a lock file, but a run trains from a memory map
+of the data file after it has let go of the lock, so:
+- Rows are written past the indexed ones and the index is replaced atomically afterwards: a crash (or a full
+  disk) leaves rows without index entries, which the next run writes over, never an index entry without its
+  row. The rows already indexed stay usable.
+- A data file is never cut below its indexed rows, and their bytes are never rewritten: another run may have
+  them mapped (truncating a mapped file kills that run with SIGBUS). Only the partial rows of a failed append,
+  past every indexed row, are cut off, to give the index room on a full disk. The only in-place write is a
+  mirror view into a row whose index entry says it has none, bytes that no run reads; its checksum enters the
+  index after they are on disk.
+- A damaged cache (an index that cannot be read or has the wrong shape, types, version or D, a data file shorter
+  than the index, a row whose checksum fails) is rebuilt, never trusted, with a warning: into a new data file,
+  the index switched to it atomically, the old file unlinked (runs that have it mapped keep it until they end).
 """
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -27,9 +45,11 @@ import torch
 from data_loader import make_loader
 from dataset import ImageDataset, eval_transform
 from model import fold_batchnorm
-from utils import Progress, UserError, amp_context, log
+from utils import Progress, UserError, amp_context, atomic_write, disk_error, log
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+CACHE_HINT = "give another --cache-dir or use --no-cache"
+DATA_NAME = re.compile(r"features-[0-9a-f]{16}\.f32")  # what an index may name: no other path, no folder
 
 
 def fingerprint(model, backbone_name, image_size, mean, std, amp):
@@ -45,43 +65,111 @@ def image_key(path):
     return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
+def encode_keys(keys):
+    # NUL cannot occur in a path; surrogateescape round-trips file names that are not UTF-8.
+    return np.frombuffer("\0".join(keys).encode("utf-8", "surrogateescape"), dtype=np.uint8)
+
+
+def decode_keys(blob, n):
+    return str(memoryview(blob), "utf-8", "surrogateescape").split("\0") if n else []
+
+
 class FeatureStore:
-    """Disk-backed (rows, 2, D) float32 array plus an index from image key to row."""
+    """Disk-backed (rows, 2, D) float32 array plus an index from image key to row (see the module docstring)."""
 
     def __init__(self, folder, dim, warn=print):
         self.folder, self.dim, self.warn = folder, dim, warn
         try:
             os.makedirs(folder, exist_ok=True)
-            self._lock = open(os.path.join(folder, "lock"), "w")
+            self._lock = open(os.path.join(folder, "lock"), "a")
         except OSError as e:
-            raise UserError(f"{folder}: cannot use it for the feature cache ({e.strerror}); "
-                            "give another --cache-dir or use --no-cache") from None
-        self.data_path = os.path.join(folder, "features.f32")
-        self.index_path = os.path.join(folder, "index.json")
+            raise UserError(f"the feature cache folder {folder} cannot be used ({e.strerror}); {CACHE_HINT}") from None
+        self.index_path = os.path.join(folder, "index.npz")
         self.row_bytes = 2 * dim * 4
-
         fcntl.flock(self._lock, fcntl.LOCK_EX)  # two runs sharing a cache take turns
-        self.rows = self._read_index()
-        # Cut off rows a crashed run appended without indexing them.
-        with open(self.data_path, "ab") as f:
-            f.truncate(len(self.rows) * self.row_bytes)
+        try:
+            if not self._read_index():
+                self._new_data_file()
+            self._remove_stale_files()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def crc(self):
+        """(rows, 2) int64: crc32 of view 0 and of view 1 of each row, -1 where the mirror view is not stored."""
+        return self._crc[:len(self.keys)]
+
+    def _set_rows(self, keys, crc, row_of=None):
+        self.keys, self._crc = keys, crc
+        self.row_of = dict(zip(keys, range(len(keys)))) if row_of is None else row_of
+
+    @property
+    def data_path(self):
+        return os.path.join(self.folder, self.data_name)
 
     def _read_index(self):
+        """Load the index into keys / row_of / crc; False (with a warning if it existed) when it cannot be trusted."""
         if not os.path.exists(self.index_path):
-            return {}
+            return False
         try:
-            with open(self.index_path) as f:
-                index = json.load(f)
-            rows = index["rows"]
-            ok = (index["version"] == CACHE_VERSION and index["dim"] == self.dim
-                  and os.path.getsize(self.data_path) >= len(rows) * self.row_bytes
-                  and sorted(r for r, _, _ in rows.values()) == list(range(len(rows))))
-        except (OSError, ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            self.warn(f"feature cache {self.folder} is damaged; rebuilding it")
-            return {}
-        return {k: list(v) for k, v in rows.items()}
+            keys, row_of, crc, data_name = self._parse_index()
+        except Exception as e:  # noqa: BLE001 -- whatever the damage, the index is not trusted
+            self.warn(f"feature cache {self.folder} is damaged ({e}); rebuilding it")
+            return False
+        self.data_name = data_name
+        self._set_rows(keys, crc, row_of)
+        return True
+
+    def _parse_index(self):
+        with np.load(self.index_path, allow_pickle=False) as z:
+            meta, blob, crc = json.loads(z["meta"].tobytes()), z["keys"], z["crc"]
+        if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION or meta.get("dim") != self.dim:
+            raise ValueError(f"index of another version or feature size: {str(meta)[:80]}")
+        data_name = meta.get("data")
+        if not isinstance(data_name, str) or not DATA_NAME.fullmatch(data_name):
+            raise ValueError(f"index names no valid data file: {str(data_name)[:80]}")
+        if blob.dtype != np.uint8 or blob.ndim != 1 or crc.dtype != np.int64 or crc.ndim != 2 or crc.shape[1] != 2:
+            raise ValueError("index arrays of the wrong type or shape")
+        n = len(crc)
+        keys = decode_keys(blob, n)
+        row_of = dict(zip(keys, range(n)))  # most of the time of reading an index at 1M rows (~1 s)
+        if len(keys) != n or len(row_of) != n:
+            raise ValueError(f"{len(keys)} keys for {n} rows, or a key twice")
+        if n and (crc.min() < -1 or crc.max() >= 2**32 or crc[:, 0].min() < 0):
+            raise ValueError("checksums out of range")
+        size = os.path.getsize(os.path.join(self.folder, data_name))
+        if size < n * self.row_bytes:
+            raise ValueError(f"its data file holds {size // self.row_bytes} of the {n} indexed rows")
+        return keys, row_of, np.array(crc), data_name
+
+    def _new_data_file(self):
+        """Start over in a new, empty data file, switch the index to it, and unlink the old one: a run that has
+        the old file mapped keeps reading it (the inode lives until it is unmapped), where truncating it would
+        kill that run with SIGBUS."""
+        old = getattr(self, "data_name", None)
+        self.data_name = f"features-{secrets.token_hex(8)}.f32"
+        self._set_rows([], np.zeros((0, 2), dtype=np.int64))
+        try:
+            open(self.data_path, "xb").close()
+        except OSError as e:
+            raise disk_error(self.data_path, e, hint=CACHE_HINT) from e
+        self.write_index()
+        if old:
+            self._unlink(old)
+
+    def _remove_stale_files(self):
+        """Data files no index names (left by a rebuild that crashed, or by a damaged index) and temporary
+        index files of crashed runs: under the lock, no run is writing them."""
+        for name in os.listdir(self.folder):
+            if (name.startswith("features-") and name != self.data_name) or name.startswith("index.npz.tmp"):
+                self._unlink(name)
+
+    def _unlink(self, name):
+        try:
+            os.remove(os.path.join(self.folder, name))
+        except OSError:  # already gone, or not ours to remove: it only costs disk space
+            pass
 
     def close(self):
         fcntl.flock(self._lock, fcntl.LOCK_UN)
@@ -89,28 +177,56 @@ class FeatureStore:
 
     def lookup(self, keys):
         """(row of each key or -1 where missing, whether its mirror view is stored). If any stored view fails
-        its checksum the whole cache is treated as damaged and emptied: one bad row says the file cannot be
+        its checksum the whole cache is treated as damaged and rebuilt: one bad row says the file cannot be
         trusted."""
         rows = np.full(len(keys), -1, dtype=np.int64)
         mirrored = np.zeros(len(keys), dtype=bool)
-        if not self.rows:
+        if not self.keys:
             return rows, mirrored
         data = self.array()
         for i, key in enumerate(keys):
-            entry = self.rows.get(key)
-            if entry is None:
+            row = self.row_of.get(key)
+            if row is None:
                 continue
-            row, crc0, crc1 = entry
-            if zlib.crc32(data[row, 0].tobytes()) != crc0 or (crc1 is not None and
-                                                               zlib.crc32(data[row, 1].tobytes()) != crc1):
+            crc0, crc1 = self._crc[row].tolist()
+            if zlib.crc32(data[row, 0]) != crc0 or (crc1 >= 0 and zlib.crc32(data[row, 1]) != crc1):
                 self.warn(f"feature cache {self.folder} is damaged (checksum of {key.split('|')[0]}); rebuilding it")
-                self.rows = {}
-                with open(self.data_path, "ab") as f:
-                    f.truncate(0)
-                self.write_index()
+                del data
+                self._new_data_file()
                 return np.full(len(keys), -1, dtype=np.int64), np.zeros(len(keys), dtype=bool)
-            rows[i], mirrored[i] = row, crc1 is not None
+            rows[i], mirrored[i] = row, crc1 >= 0
         return rows, mirrored
+
+    def _write_rows(self, pieces):
+        """Write each (offset, float32 array) of pieces into the data file and sync; a full disk, quota or
+        read-only folder is one UserError that says the rows stored before are kept."""
+        try:
+            fd = os.open(self.data_path, os.O_WRONLY)
+            try:
+                for offset, array in pieces:
+                    view = memoryview(array).cast("B")
+                    while view:
+                        written = os.pwrite(fd, view, offset)
+                        view, offset = view[written:], offset + written
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if disk_error(self.data_path, e) is e:
+                raise
+            # Index what this run stored before the failure, so the next run need not extract it again. An
+            # append's partial bytes lie past every indexed row, where no run has the file mapped: cut them off,
+            # which may leave just the room the index needs.
+            if pieces[0][0] >= len(self.keys) * self.row_bytes:
+                with contextlib.suppress(OSError):
+                    os.truncate(self.data_path, pieces[0][0])
+            try:
+                self.write_index()
+                kept = f"the {len(self.keys)} feature rows stored before are kept"
+            except UserError:
+                kept = "the feature rows indexed before are kept"
+            needed = sum(array.nbytes for _, array in pieces)
+            raise disk_error(self.data_path, e, needed=needed, hint=f"{CACHE_HINT} ({kept})") from e
 
     def append(self, keys, features, write_index=True):
         """Store features (n, V, D) for keys, V = 2 (as is, mirrored) or 1 (as is only); returns their rows."""
@@ -118,42 +234,45 @@ class FeatureStore:
         mirrored = features.shape[1] == 2
         if not mirrored:
             features = np.concatenate([features, np.zeros_like(features)], axis=1)
-        start = len(self.rows)
-        with open(self.data_path, "ab") as f:
-            f.write(features.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        rows = np.arange(start, start + len(keys))
-        for key, row, feature in zip(keys, rows, features):
-            self.rows[key] = [int(row), zlib.crc32(feature[0].tobytes()),
-                              zlib.crc32(feature[1].tobytes()) if mirrored else None]
+        start, end = len(self.keys), len(self.keys) + len(keys)
+        self._write_rows([(start * self.row_bytes, features)])  # past the indexed rows: over a crashed run's
+        if end > len(self._crc):  # grown by doubling: appends cost O(1) each, also at 1M rows
+            self._crc = np.concatenate([self._crc, np.zeros((max(end, 2 * len(self._crc)) - len(self._crc), 2),
+                                                            dtype=np.int64)])
+        for row, feature in enumerate(features, start):
+            self._crc[row] = zlib.crc32(feature[0]), zlib.crc32(feature[1]) if mirrored else -1
+        for row, key in enumerate(keys, start):
+            self.row_of[key] = row
+        self.keys.extend(keys)
         if write_index:
             self.write_index()
-        return rows
+        return np.arange(start, end)
 
     def add_mirror(self, keys, features, write_index=True):
-        """Write the mirror view (n, D) into the stored rows of keys. Its checksum enters the index only after
-        the bytes are on disk, so a crash in between leaves the view unused, not trusted."""
+        """Write the mirror view (n, D) into the stored rows of keys: bytes no run reads while the index says
+        the row has no mirror view. Its checksum enters the index only after the bytes are on disk, so a crash in
+        between leaves the view unused, not trusted."""
         features = np.ascontiguousarray(features, dtype=np.float32)
-        with open(self.data_path, "r+b") as f:
-            for key, feature in zip(keys, features):
-                f.seek(self.rows[key][0] * self.row_bytes + self.row_bytes // 2)
-                f.write(feature.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        for key, feature in zip(keys, features):
-            self.rows[key][2] = zlib.crc32(feature.tobytes())
+        rows = [self.row_of[key] for key in keys]
+        self._write_rows([(row * self.row_bytes + self.row_bytes // 2, f) for row, f in zip(rows, features)])
+        for row, feature in zip(rows, features):
+            self._crc[row, 1] = zlib.crc32(feature)
         if write_index:
             self.write_index()
 
     def write_index(self):
-        tmp = self.index_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"version": CACHE_VERSION, "dim": self.dim, "rows": self.rows}, f)
-        os.replace(tmp, self.index_path)
+        meta = json.dumps({"version": CACHE_VERSION, "dim": self.dim, "data": self.data_name}).encode()
+        arrays = {"meta": np.frombuffer(meta, dtype=np.uint8), "keys": encode_keys(self.keys), "crc": self.crc}
+
+        def write(tmp):
+            with open(tmp, "wb") as f:  # a file object: given a name, np.savez would append ".npz" to it
+                np.savez(f, **arrays)
+
+        atomic_write(self.index_path, write, size=sum(a.nbytes for a in arrays.values()), hint=CACHE_HINT)
 
     def array(self):
-        n = os.path.getsize(self.data_path) // self.row_bytes
+        """The indexed rows, memory-mapped read-only (rows past them may be a crashed run's and are not shown)."""
+        n = len(self.keys)
         if n == 0:
             return np.zeros((0, 2, self.dim), dtype=np.float32)
         return np.memmap(self.data_path, dtype=np.float32, mode="r", shape=(n, 2, self.dim))

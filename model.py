@@ -3,6 +3,7 @@
 The model is `backbone` (image -> pooled features) followed by `head` (Linear(D, K)). It returns
 logits; the sigmoid is applied at prediction time only (BCEWithLogits trains on the logits).
 """
+import io
 import os
 import re
 import warnings
@@ -260,7 +261,12 @@ def make_checkpoint(model, **facts):
 
 
 def save_checkpoint(checkpoint, path):
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    """Serialized in memory first, then written through utils.atomic_write: torch.save given a file name writes
+    from C++, and a full disk there is a RuntimeError with no errno; from memory the write is Python's (one
+    `error:` line naming path, with the exact bytes needed). Costs one checkpoint's size in memory, briefly."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write(path, buffer.getbuffer())
 
 
 def load_checkpoint(path, *, resume=False):

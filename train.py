@@ -31,8 +31,8 @@ from metrics import attribute_metrics, format_table, macro_f1, to_json
 from model import (BACKBONES, HEADS, build_head, build_model, flip_tta, imagenet_weights_missing, load_checkpoint,
                    make_checkpoint, save_checkpoint)
 from utils import (Progress, Report, StopFlag, UserError, add_runtime_flags, amp_context, bf16_is_native,
-                   check_writable, keep_freed_memory, log, pick_device, resolve_workers, restore_rng, rng_state,
-                   run_cli, seed_everything, small_matmuls, write_json)
+                   check_folder, check_writable, keep_freed_memory, log, pick_device, resolve_workers, restore_rng,
+                   rng_state, run_cli, seed_everything, small_matmuls, write_json)
 
 # ---- hyperparameters (each can be overridden: --name value) ----
 LABELS = "labels.txt"  # labels file: image_name v1 .. vK per line, values 1 / 0 / NA
@@ -292,8 +292,9 @@ def setup(args):
     outputs = output_paths(args)
     cached = args.unfreeze == "none" and args.augment == "flip"
     folds = args.folds if cached else 0
-    cache_index = [os.path.join(args.cache_dir, "index.json")] if cached and not args.no_cache else []
-    check_writable(list(outputs.values()) + cache_index)
+    check_writable(list(outputs.values()))
+    if cached and not args.no_cache:
+        check_folder(args.cache_dir, "the feature cache folder", hint="give another --cache-dir or use --no-cache")
     device = pick_device(args.device)
     amp = args.amp == "on" or (args.amp == "auto" and bf16_is_native(device))
     kept = args.keep_freed_memory and keep_freed_memory(device)
@@ -625,9 +626,22 @@ def run(args):
             fit(job)
     finally:
         job.stop.restore()
-        for key, checkpoint in job.pending.items():
-            save_checkpoint(checkpoint, job.outputs[key])
+        write_pending(job)
     return finish(job)
+
+
+def write_pending(job):
+    """The checkpoints the cached path kept in memory: each one written, or named in one error (a file that was
+    not written keeps what it held before: writes go to a temporary file that replaces it only when whole)."""
+    failed = []
+    for key, checkpoint in job.pending.items():
+        try:
+            save_checkpoint(checkpoint, job.outputs[key])
+        except UserError as e:
+            failed.append(str(e))
+    if failed:
+        raise UserError(f"{len(failed)} of {len(job.pending)} checkpoints of this run not written, "
+                        f"what was on disk is unchanged: " + " | ".join(failed))
 
 
 def main(argv=None):

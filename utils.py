@@ -3,6 +3,7 @@ seeding, and the command-line flags every script has. Importing it does not impo
 Runtime path of inference.py runs without PyTorch)."""
 import argparse
 import contextlib
+import errno
 import json
 import os
 import random
@@ -93,9 +94,14 @@ class StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.pid = os.getpid()
         self.previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
+        # DataLoader workers are forked with this handler and get the terminal's Ctrl-C too: only the main
+        # process speaks and decides; it stops the workers itself.
+        if os.getpid() != self.pid:
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -105,37 +111,101 @@ class StopFlag:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def check_writable(paths):
+OUTPUT_HINT = "choose another output path"
+
+
+def check_writable(paths, *, hint=OUTPUT_HINT):
     """Fail before training, not after it: every output folder must exist (or be creatable) and be writable."""
     for path in paths:
-        folder = os.path.dirname(os.path.abspath(path))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"{path}: cannot create the folder {folder} ({e.strerror}); choose another output path")
-        if not os.access(folder, os.W_OK):
-            raise UserError(f"{path}: the folder {folder} is not writable; choose another output path")
+        check_folder(os.path.dirname(os.path.abspath(path)), f"{path}: the folder", hint=hint)
         if os.path.isdir(path) or path.endswith(("/", os.sep)):
             raise UserError(f"{path}: is a folder; give a file path")
 
 
-def atomic_write(path, write):
-    """write(tmp_path) then rename: a crash never leaves half a file at path."""
+def check_folder(folder, what, *, hint=OUTPUT_HINT):
+    """folder exists (or can be created) and is writable; the error starts with `what` (e.g. "the feature cache
+    folder") and names the folder."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{what} {folder} cannot be created ({e.strerror}); {hint}") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{what} {folder} is not writable; {hint}")
+
+
+def size_text(n):
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def free_space(path):
+    """Bytes an unprivileged writer may still use on the filesystem of path (or of its nearest existing folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def disk_error(path, error, *, needed=None, hint=OUTPUT_HINT):
+    """The one message for a failed write: a full disk, a quota, a read-only or forbidden folder become a
+    UserError naming path (with, when the space ran out, the bytes needed and the bytes free); any other OSError
+    is returned as it is (a bug or a failing disk: its traceback is worth seeing)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on the device" if error.errno == errno.ENOSPC else "disk quota exceeded"
+        free = free_space(path)
+        sizes = [f"{size_text(needed)} needed" if needed is not None else "",
+                 f"{size_text(free)} free" if free is not None else ""]
+        sizes = ", ".join(s for s in sizes if s)
+        return UserError(f"{path}: cannot write it: {what}{f' ({sizes})' if sizes else ''}; "
+                         f"free some space or {hint}")
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"{path}: cannot write it: {error.strerror}; {hint}")
+    return error
+
+
+def atomic_write(path, content, *, size=None, hint=OUTPUT_HINT):
+    """Write content to path through a temporary file beside it, synced and renamed, so that path holds the old
+    file or the new one, never half of one, and no temporary file stays behind. content: bytes (or anything with
+    the buffer protocol), str (UTF-8), or write(tmp_path) for writers that need a file name (size: about how
+    many bytes it writes, for the error message). Every file the project writes comes through here, so a full
+    disk, a quota, a read-only or forbidden folder end in one `error:` line (disk_error) wherever they happen."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        write(tmp)
+        if callable(content):
+            content(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the bytes on disk before the rename, so a power cut leaves the old file whole
+            finally:
+                os.close(fd)
+        else:
+            data = content.encode() if isinstance(content, str) else memoryview(content).cast("B")
+            size = len(data)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        error = disk_error(path, e, needed=size, hint=hint)
+        if error is e:
+            raise
+        raise error from e
     finally:
-        if os.path.exists(tmp):
+        try:
             os.remove(tmp)
+        except OSError:  # renamed (the usual case), never created, or the folder is gone
+            pass
 
 
 def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=1) + "\n")
-
-    atomic_write(path, write)
+    atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
 # ---- device and memory ----

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import evaluate
+import feature_cache
 import inference
 import make_sample
 import train
@@ -174,9 +175,10 @@ def test_training_with_feature_cache_skips_and_counts_bad_images(mixed, cached_r
     assert_bad_images_warned_and_counted(mixed, cached_run["rc"], cached_run["stdout"], cached_run["stderr"])
     # All 32 readable images train (val fraction 0): 4 steps of 8; with the 4 broken ones it would be 5.
     assert f"({(N_GOOD + len(ODD)) // 8} steps)" in cached_run["stdout"]
-    (index_file,) = glob.glob(os.path.join(cached_run["cache"], "*", "index.json"))
-    with open(index_file) as f:
-        cached = {os.path.basename(key.split("|")[0]) for key in json.load(f)["rows"]}
+    (index_file,) = glob.glob(os.path.join(cached_run["cache"], "*", "index.npz"))
+    with np.load(index_file) as index:
+        keys = feature_cache.decode_keys(index["keys"], len(index["crc"]))
+    cached = {os.path.basename(key.split("|")[0]) for key in keys}
     assert cached == set(ODD) | {f"img_{i:04d}.jpg" for i in range(1, N_GOOD + 1)}
     with open(os.path.join(cached_run["out"], "metrics.json")) as f:
         warnings = json.load(f)["warnings"]

@@ -137,6 +137,17 @@ def fingerprint_folders(cache_dir):
     return sorted(os.listdir(cache_dir))
 
 
+def data_file(folder):
+    """The one data file of a cache folder (a rebuild starts a new one under another name)."""
+    (name,) = [n for n in os.listdir(folder) if n.startswith("features-") and n.endswith(".f32")]
+    return os.path.join(folder, name)
+
+
+def read_index(folder):
+    with np.load(os.path.join(folder, "index.npz")) as z:
+        return {name: z[name] for name in z.files}
+
+
 # ---- the two paths agree ----
 
 @pytest.mark.parametrize("backbone", ["resnet50", BACKBONE])
@@ -216,12 +227,12 @@ def test_other_weights_or_image_size_use_another_fingerprint_folder(tmp_path, pa
 # ---- a damaged cache is rebuilt, never trusted ----
 
 def damage_index(folder, row_bytes):
-    with open(os.path.join(folder, "index.json"), "w") as f:
-        f.write("{not json at all")
+    with open(os.path.join(folder, "index.npz"), "w") as f:
+        f.write("{not an index at all")
 
 
 def damage_bytes(folder, row_bytes):
-    path = os.path.join(folder, "features.f32")
+    path = data_file(folder)
     with open(path, "r+b") as f:
         for offset in (row_bytes + 40, 3 * row_bytes + 400):  # inside rows 1 and 3
             f.seek(offset)
@@ -231,21 +242,22 @@ def damage_bytes(folder, row_bytes):
 
 
 def damage_truncate(folder, row_bytes):
-    path = os.path.join(folder, "features.f32")
+    path = data_file(folder)
     os.truncate(path, os.path.getsize(path) - 10)
 
 
 def damage_delete(folder, row_bytes):
-    os.remove(os.path.join(folder, "features.f32"))
+    os.remove(data_file(folder))
 
 
 def damage_index_rows(folder, row_bytes):
-    # Valid JSON, wrong content: two images claim the same row.
-    path = os.path.join(folder, "index.json")
-    index = json.load(open(path))
-    keys = sorted(index["rows"])
-    index["rows"][keys[0]] = index["rows"][keys[1]]
-    json.dump(index, open(path, "w"))
+    # A valid index file, wrong content: one image listed for two rows.
+    index = read_index(folder)
+    keys = index["keys"].tobytes().split(b"\0")
+    keys[1] = keys[0]
+    index["keys"] = np.frombuffer(b"\0".join(keys), dtype=np.uint8)
+    with open(os.path.join(folder, "index.npz"), "wb") as f:
+        np.savez(f, **index)
 
 
 @pytest.mark.parametrize("damage", [damage_index, damage_bytes, damage_truncate, damage_delete, damage_index_rows])
@@ -254,7 +266,7 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, paths, extracted, damag
     reference, _, _ = cached(m, paths, cache_dir)
     (folder,) = [os.path.join(cache_dir, f) for f in fingerprint_folders(cache_dir)]
     row_bytes = 2 * m.head.in_features * 4
-    assert os.path.getsize(os.path.join(folder, "features.f32")) == N * row_bytes
+    assert os.path.getsize(data_file(folder)) == N * row_bytes
     damage(folder, row_bytes)
 
     del extracted[:]
@@ -272,14 +284,15 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, paths, extracted, damag
     again, _, _ = cached(m, paths, cache_dir, calls)
     assert extracted == [] and calls.warnings == []
     np.testing.assert_array_equal(again, rebuilt)
-    assert os.path.getsize(os.path.join(folder, "features.f32")) == N * row_bytes
+    assert os.path.getsize(data_file(folder)) == N * row_bytes  # the damaged data file is gone
 
 
-def test_rows_a_crashed_run_left_past_the_index_are_cut_off(tmp_path, paths, extracted):
+def test_rows_a_crashed_run_left_past_the_index_are_written_over(tmp_path, paths, extracted):
+    # Never cut off: another run may have the file memory-mapped (truncating it would kill that run with SIGBUS).
     m, cache_dir = make_model(), str(tmp_path / "cache")
     reference, _, _ = cached(m, paths[:3], cache_dir)
     (folder,) = [os.path.join(cache_dir, f) for f in fingerprint_folders(cache_dir)]
-    data_path = os.path.join(folder, "features.f32")
+    data_path = data_file(folder)
     row_bytes = 2 * m.head.in_features * 4
     with open(data_path, "ab") as f:  # one and a half rows written, the index never updated
         f.write(np.random.default_rng(0).standard_normal(row_bytes * 3 // 8).astype(np.float32).tobytes())
@@ -290,7 +303,7 @@ def test_rows_a_crashed_run_left_past_the_index_are_cut_off(tmp_path, paths, ext
     again, rows, _ = cached(m, paths[:3], cache_dir, calls)
     assert extracted == []
     np.testing.assert_array_equal(again, reference)
-    assert os.path.getsize(data_path) == 3 * row_bytes
+    assert os.path.getsize(data_path) == 4.5 * row_bytes  # the junk is not shown, and not cut off
 
     # New images land right after the indexed rows, not after the junk.
     del extracted[:]
@@ -410,8 +423,8 @@ def test_mirror_view_only_where_needed_and_added_later(tmp_path, paths, extracte
     assert ok.all()
     # 3 images x 2 views + 2 images x 1 view = 8 forwards.
     assert any("8 forwards (3 images x 2 views, 2 x 1, 0 mirror only)" in line for line in calls.logs)
-    index = json.load(open(os.path.join(cache_dir, fingerprint_folders(cache_dir)[0], "index.json")))["rows"]
-    assert sorted(v[2] is None for v in index.values()) == [False, False, False, True, True]
+    crc = read_index(os.path.join(cache_dir, fingerprint_folders(cache_dir)[0]))["crc"]
+    assert sorted((crc[:, 1] == -1).tolist()) == [False, False, False, True, True]
     view0 = np.array(data[rows])[:, 0]
 
     del extracted[:]
@@ -430,7 +443,7 @@ def test_a_mirror_view_written_without_its_index_entry_is_not_trusted(tmp_path, 
     store = feature_cache.FeatureStore(folder, m.head.in_features)
     key = feature_cache.image_key(paths[0])
     with open(store.data_path, "r+b") as f:  # garbage where the mirror view would go
-        f.seek(store.rows[key][0] * store.row_bytes + store.row_bytes // 2)
+        f.seek(store.row_of[key] * store.row_bytes + store.row_bytes // 2)
         f.write(b"\x7f" * (store.row_bytes // 2))
     store.close()
     features, _, ok = cached(m, paths[:2], cache_dir)
