@@ -63,6 +63,11 @@ BACKBONES = {
     "efficientnet_lite0": (_lite0_backbone, "imagenet", 1280, ["_blocks.15", "_conv_head", "_bn1"]),
 }
 
+# name -> the backbone module whose output Grad-CAM weighs (explain.py): the last spatial feature map, just before
+# the global pooling. DenseNet and Lite0 apply their last activation functionally, so their last norm stands in.
+GRADCAM_LAYERS = {"resnet50": "layer4", "efficientnet_b0": "features.8", "mobilenet_v3_large": "features.16",
+                  "densenet121": "features.norm5", "efficientnet_lite0": "_bn1"}
+
 
 class AttributeClassifier(nn.Module):
     def __init__(self, backbone, feature_dim, num_attributes, trainable=()):
