@@ -148,3 +148,32 @@ def cam_figure(image, cams, attributes, probabilities, thresholds):
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+# ---- report.py ----
+
+def pr_figure(scores, y, thresholds, attributes):
+    """The precision-recall curves with the thresholds marked (metrics.png's right panel) on their own."""
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.8))
+    if len(attributes) > MAX_LINES:
+        _ap_summary(ax, [average_precision(*_known(scores, y, k)) for k in range(len(attributes))], attributes)
+    else:
+        _pr_curves(ax, scores, y, thresholds, attributes)
+    fig.tight_layout()
+    return fig
+
+
+def epoch_loss_figure(history):
+    """Training and validation loss per epoch (metrics.json's history)."""
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.8))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h.get("train_loss") for h in history], "o-", label="train loss")
+    if any(h.get("val_loss") is not None for h in history):
+        ax.plot(epochs, [h.get("val_loss") for h in history], "s-", label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss per epoch")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

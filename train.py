@@ -8,7 +8,7 @@
 
 Edit the constants below or override any of them on the command line (`python train.py --help`).
 Writes model.pth (best validation mAP), model_last.pth, loss_curve.png, metrics.json, metrics.png and
-val_labels.txt (the validation rows, for evaluate.py).
+val_labels.txt (the validation rows, for evaluate.py), and report.html (report.py; --no-report skips it).
 """
 import argparse
 import json
@@ -67,7 +67,7 @@ KEEP_FREED_MEMORY = True  # cpu, Linux: reuse freed memory, not unmap it: forwar
 
 # Settings that --resume lets the command line change; all others come from the checkpoint being resumed.
 RESUME_OVERRIDES = {"epochs", "device", "num_workers", "cache_dir", "no_cache", "debug", "resume", "patience",
-                    "keep_freed_memory"}
+                    "keep_freed_memory", "no_report"}
 
 
 def parse_args(argv=None):
@@ -102,6 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_true", default=AMP, help="bf16 autocast for the backbone")
     p.add_argument("--strict", action="store_true", help="every warning about the input is an error")
     p.add_argument("--resume", metavar="FILE", help="continue from a last checkpoint (model_last.pth)")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html (report.py) at the end")
     add_runtime_flags(p, batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, device=DEVICE, keep_freed=KEEP_FREED_MEMORY)
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
@@ -190,7 +191,7 @@ def output_paths(args):
     return {
         "best": args.out, "last": os.path.join(folder, f"{stem}_last{ext or '.pth'}"), "curve": args.curve,
         "metrics": os.path.join(folder, "metrics.json"), "metrics_png": os.path.join(folder, "metrics.png"),
-        "val_labels": os.path.join(folder, "val_labels.txt"),
+        "val_labels": os.path.join(folder, "val_labels.txt"), "report": os.path.join(folder, "report.html"),
     }
 
 
@@ -433,6 +434,10 @@ def finish(job):
     if job.stop.requested:
         log("interrupted: outputs so far are written; continue with --resume " + outputs["last"])
         return 130
+    if not job.args.no_report and len(job.val_idx):
+        import report  # the HTML report of the best model on its validation part, with an audit of every label
+
+        report.after_training(job.args, outputs, workers=job.workers)
     return 0
 
 

@@ -12,7 +12,8 @@ sys.path.insert(0, ROOT)
 import make_sample  # noqa: E402
 
 # Small images keep every backbone forward cheap; the pipeline does not care about the size.
-FAST = ["--weights", "none", "--image-size", "64", "--num-workers", "0", "--batch-size", "8"]
+# --no-report: report.html has its own tests (tests/test_report.py), which drop the flag.
+FAST = ["--weights", "none", "--image-size", "64", "--num-workers", "0", "--batch-size", "8", "--no-report"]
 
 
 @pytest.fixture(scope="module")

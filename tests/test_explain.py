@@ -9,7 +9,7 @@ from torch import nn
 
 import explain
 import model
-from conftest import FAST, run_script
+from conftest import FAST
 from dataset import eval_transform, load_image
 
 SIZE = 96  # a 3x3 last feature map for every backbone: enough to be non-constant
@@ -87,23 +87,25 @@ def test_heat_overlay_keeps_the_image_size_and_reddens_the_hot_corner():
     assert (heat_overlay(image, np.zeros((4, 4))) == image).all()
 
 
-def test_inference_explain_writes_one_figure_per_image(tiny_set, tmp_path):
+def test_inference_explain_writes_one_figure_per_image(tiny_set, tmp_path, capsys):
+    import inference
+    import train
+
     labels, images = tiny_set
     out = tmp_path / "model.pth"
-    r = run_script("train.py", *FAST, "--labels", labels, "--images", images, "--epochs", "1", "--out", out,
-                   "--curve", tmp_path / "c.png", "--cache-dir", tmp_path / "cache", "--backbone", "mobilenet_v3_large",
-                   "--no-report")
-    assert r.returncode == 0, r.stderr
+    assert train.main([*FAST, "--labels", labels, "--images", images, "--epochs", "1", "--out", str(out),
+                       "--curve", str(tmp_path / "c.png"), "--cache-dir", str(tmp_path / "cache"),
+                       "--backbone", "mobilenet_v3_large"]) == 0
     names = sorted(os.listdir(images))[:2]
-    r = run_script("inference.py", *[os.path.join(images, n) for n in names], "--model", out,
-                   "--explain", tmp_path / "cams", "--num-workers", "0")
-    assert r.returncode == 0, r.stderr
+    assert inference.main([*[os.path.join(images, n) for n in names], "--model", str(out),
+                           "--explain", str(tmp_path / "cams"), "--num-workers", "0"]) == 0
     for n in names:
         png = tmp_path / "cams" / (os.path.splitext(n)[0] + "_cam.png")
         assert png.is_file()
         with Image.open(png) as im:
             assert im.width > 600  # the image and four attribute panels side by side
-    r = run_script("inference.py", os.path.join(images, names[0]), "--model", tmp_path / "m.onnx",
-                   "--explain", tmp_path / "cams")
-    assert r.returncode == 2 and r.stderr.startswith("error:") and "--explain" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    capsys.readouterr()
+    assert inference.main([os.path.join(images, names[0]), "--model", str(tmp_path / "m.onnx"),
+                           "--explain", str(tmp_path / "cams")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--explain" in err and len(err.strip().splitlines()) == 1
