@@ -194,9 +194,11 @@ def build_page(ckpt, model_path, *, eval_data, audit_data, metrics, mistakes, su
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Report: {esc(model_path)}"
              f"</title><style>{STYLE}</style></head><body><h1>Report: {esc(model_path)}</h1>"]
     config = ckpt["config"]
-    parts.append("<h2>Run</h2>" + table(["setting", "value"], [[esc(k), esc(v)] for k, v in sorted(config.items())]
-                                        + [["epoch of this model", esc(ckpt.get("epoch"))],
-                                           ["validation mAP at training", num(ckpt.get("val_map"))]], "settings"))
+    pairs = [(esc(k), esc(v)) for k, v in sorted(config.items())] + [
+        ("epoch of this model", esc(ckpt.get("epoch"))), ("validation mAP at training", num(ckpt.get("val_map")))]
+    pairs += [("", "")] * (-len(pairs) % 4)
+    parts.append("<h2>Run</h2>" + table(["setting", "value"] * 4, [sum(map(list, pairs[i:i + 4]), [])
+                                                                  for i in range(0, len(pairs), 4)], "settings"))
     counts_rows = []
     for title, counts in (("training part", ckpt.get("label_counts")), ("report set", label_counts(eval_data[2])),
                           ("audit set", label_counts(audit_data[2]))):
