@@ -23,8 +23,8 @@ def test_scores_are_one_minus_the_probability_of_the_given_label_and_na_has_none
     rows = audit.audit_rows(["a", "b", "c"], ["A", "B"], y, p, score)
     assert [(r["image"], r["attribute"]) for r in rows] == [("b", "A"), ("c", "B"), ("b", "B"), ("a", "B"),
                                                             ("a", "A"), ("c", "A")]
-    assert rows[-1] == {"image": "c", "attribute": "A", "given": "NA", "suggested": 1, "probability": pytest.approx(0.6),
-                        "score": None}
+    assert rows[-1] == {"image": "c", "attribute": "A", "given": "NA", "suggested": 1,
+                        "probability": pytest.approx(0.6), "score": None}
 
 
 def test_na_cells_are_filled_only_where_confident_and_known_cells_never_change():

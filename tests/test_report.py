@@ -1,6 +1,5 @@
 """report.py: the HTML page train.py writes, checked as text and in headless Chromium (when installed)."""
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -32,7 +31,8 @@ def trained(tmp_path_factory):
         for name, a1, a2, a3, _ in lines:
             f.write(f"{name} {a1} {a2} {a3} {'NA' if name.endswith('5.jpg') else '0'}\n")
     with_report = [a for a in FAST if a != "--no-report"]
-    code = train.main([*with_report, "--backbone", "mobilenet_v3_large", "--labels", str(labels), "--images", str(images),
+    code = train.main([*with_report, "--backbone", "mobilenet_v3_large", "--labels", str(labels),
+                       "--images", str(images),
                        "--out", str(folder / "model.pth"), "--curve", str(folder / "curve.png"), "--epochs", "2",
                        "--cache-dir", str(folder / "cache")])
     assert code == 0
@@ -134,7 +134,8 @@ window.addEventListener('load', () => {
   const images = [...document.images];
   const result = {errors: window.__errors, images: images.length,
                   broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
-                  metrics: [...document.querySelectorAll('#metrics tr')].map(r => [...r.cells].map(c => c.textContent))};
+                  metrics: [...document.querySelectorAll('#metrics tr')]
+                             .map(r => [...r.cells].map(c => c.textContent))};
   const out = document.createElement('pre');
   out.id = 'probe';
   out.textContent = JSON.stringify(result);
