@@ -127,10 +127,13 @@ def parse_labels(path, report=None):
     return table
 
 
-def write_labels(path, attributes, names, targets):
-    """Write rows in the format parse_labels reads (a header line, NA for unknown cells), atomically."""
+def write_labels(path, attributes, names, targets, comment=None):
+    """Write rows in the format parse_labels reads (a header line, NA for unknown cells), atomically; comment: a
+    first line starting with #."""
     def write(tmp):
         with open(tmp, "w") as f:
+            if comment:
+                f.write(comment + "\n")
             f.write("image_name " + " ".join(attributes) + "\n")
             for name, row in zip(names, targets.tolist()):
                 f.write(name + " " + " ".join("NA" if v < 0 else str(v) for v in row) + "\n")

@@ -106,3 +106,74 @@ def _ap_summary(ax, ap, attributes):
 def save_figure(fig, path):
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     pyplot().close(fig)
+
+
+# ---- Grad-CAM (explain.py) ----
+
+def display_image(image, longest=256):
+    """The image as a uint8 (h, w, 3) array, at most `longest` pixels on its long side, aspect kept."""
+    image = image.copy()
+    image.thumbnail((longest, longest))
+    return np.asarray(image.convert("RGB"))
+
+
+def heat_overlay(image, cam, alpha=0.5):
+    """The image (uint8 (h, w, 3)) with a Grad-CAM map (any size; the model saw a square resize) blended on
+    top in the jet colour map, scaled so its maximum is red; an all-zero map leaves the image as it is."""
+    import matplotlib
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    cam = np.asarray(Image.fromarray(np.asarray(cam, dtype=np.float32), "F").resize((w, h), Image.BILINEAR))
+    top = float(cam.max())
+    if top <= 0:
+        return image
+    colours = matplotlib.colormaps["jet"](cam / top)[..., :3] * 255
+    return (image * (1 - alpha) + colours * alpha).astype(np.uint8)
+
+
+def cam_figure(image, cams, attributes, probabilities, thresholds):
+    """The image and one Grad-CAM panel per attribute, titled with its probability and threshold."""
+    picture = display_image(image)
+    columns = min(len(attributes) + 1, 5)
+    rows = -(-(len(attributes) + 1) // columns)
+    fig, axes = pyplot().subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    panels = [(picture, "image")] + [
+        (heat_overlay(picture, cam), f"{name}\np {p:.2f} (thr {t:.2f}){' present' if p >= t else ''}")
+        for cam, name, p, t in zip(cams, attributes, probabilities, thresholds)]
+    for ax, (shown, title) in zip(axes.flat, panels):
+        ax.imshow(shown)
+        ax.set_title(title, fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+# ---- report.py ----
+
+def pr_figure(scores, y, thresholds, attributes):
+    """The precision-recall curves with the thresholds marked (metrics.png's right panel) on their own."""
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.8))
+    if len(attributes) > MAX_LINES:
+        _ap_summary(ax, [average_precision(*_known(scores, y, k)) for k in range(len(attributes))], attributes)
+    else:
+        _pr_curves(ax, scores, y, thresholds, attributes)
+    fig.tight_layout()
+    return fig
+
+
+def epoch_loss_figure(history):
+    """Training and validation loss per epoch (metrics.json's history)."""
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.8))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h.get("train_loss") for h in history], "o-", label="train loss")
+    if any(h.get("val_loss") is not None for h in history):
+        ax.plot(epochs, [h.get("val_loss") for h in history], "s-", label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss per epoch")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -4,6 +4,7 @@
     python inference.py a.jpg b.png photos/       # one line per image: path: Attributes present: [...]
     python inference.py image.jpg --json          # one JSON object per image, with probabilities
     python inference.py image.jpg --model runs/model.pth --threshold 0.4
+    python inference.py image.jpg --explain cams/  # also cams/image_cam.png: Grad-CAM of every attribute
 
 Everything (backbone, attribute names, image size, normalization, thresholds) comes from the checkpoint.
 """
@@ -17,8 +18,8 @@ import torch
 from data_loader import make_loader
 from dataset import ImageDataset, eval_transform, list_images, load_image
 from model import flip_tta, folded_forward, load_checkpoint, model_from_checkpoint
-from utils import (UserError, add_runtime_flags, check_batch_size, keep_freed_memory, pick_device, resolve_workers,
-                   run_cli)
+from utils import (UserError, add_runtime_flags, check_batch_size, check_writable, keep_freed_memory, pick_device,
+                   resolve_workers, run_cli)
 
 BATCH_SIZE = 32
 NUM_WORKERS = "auto"  # DataLoader workers for several images; auto: 2, or 0 on a CPU with 2 cores or fewer
@@ -33,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--no-tta", action="store_true",
                    help="skip the flip test-time augmentation the model was validated with (faster, less accurate)")
+    p.add_argument("--explain", metavar="OUT_DIR", help="write OUT_DIR/<name>_cam.png: Grad-CAM per attribute")
     add_runtime_flags(p, batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, keep_freed=KEEP_FREED_MEMORY)
     return p.parse_args(argv)
 
@@ -75,6 +77,11 @@ def predict(model, paths, transform, *, device, batch_size, num_workers, tta=Fal
 
 def run(args):
     check_batch_size(args)
+    if args.explain and args.model.endswith(".onnx"):
+        raise UserError(f"{args.model}: --explain needs the PyTorch model (.pth); Grad-CAM takes gradients, which "
+                        "an ONNX model does not give")
+    if args.explain:
+        check_writable([os.path.join(args.explain, "image_cam.png")])
     ckpt = load_checkpoint(args.model)
     device = pick_device(args.device)
     if args.keep_freed_memory:
@@ -99,6 +106,12 @@ def run(args):
                 print(json.dumps({"image": path, "error": error}), flush=True)
             continue
         present = [a for a, p, t in zip(attributes, probabilities, thresholds) if p >= t]
+        if args.explain:
+            from explain import write_explanation
+
+            out = write_explanation(model, path, probabilities, ckpt=ckpt, thresholds=thresholds,
+                                    transform=transform, out_dir=args.explain)
+            print(f"wrote {out}", file=sys.stderr)
         if args.json:
             print(json.dumps({"image": path, "present": present,
                               "probabilities": {a: round(p, 6) for a, p in zip(attributes, probabilities)},

@@ -102,6 +102,12 @@ def build_head(kind, in_features, num_attributes, *, hidden=512, dropout=0.2):
                              nn.Linear(hidden, num_attributes))
     raise UserError(f"unknown head {kind!r}; use one of {', '.join(HEADS)}")
 
+# name -> the backbone module whose output Grad-CAM weighs (explain.py): the last spatial feature map, just before
+# the global pooling. DenseNet and Lite0 apply their last activation functionally, so their last norm stands in.
+GRADCAM_LAYERS = {"resnet50": "layer4", "efficientnet_b0": "features.8", "mobilenet_v3_large": "features.16",
+                  "densenet121": "features.norm5", "efficientnet_lite0": "_bn1", "efficientnet_lite1": "_bn1",
+                  "efficientnet_lite2": "_bn1"}
+
 
 class AttributeClassifier(nn.Module):
     def __init__(self, backbone, head, feature_dim, trainable=()):

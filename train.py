@@ -7,8 +7,9 @@
     python train.py --resume model_last.pth  # continue an interrupted run
 
 Edit the constants below or override any of them on the command line (`python train.py --help`).
-Writes model.pth, model_last.pth, loss_curve.png, metrics.json and metrics.png; with a validation split
-(--folds 0, or the full loop) also val_labels.txt (the validation rows, for evaluate.py).
+Writes model.pth, model_last.pth, loss_curve.png, metrics.json, metrics.png and report.html (report.py;
+--no-report skips it); with a validation split (--folds 0, or the full loop) also val_labels.txt (the validation
+rows, for evaluate.py).
 """
 import argparse
 import json
@@ -77,7 +78,7 @@ KEEP_FREED_MEMORY = True  # cpu, Linux: reuse freed memory, not unmap it: forwar
 
 # Settings that --resume lets the command line change; all others come from the checkpoint being resumed.
 RESUME_OVERRIDES = {"epochs", "device", "num_workers", "cache_dir", "no_cache", "debug", "resume", "patience",
-                    "keep_freed_memory"}
+                    "keep_freed_memory", "no_report"}
 
 
 def parse_args(argv=None):
@@ -119,6 +120,7 @@ def parse_args(argv=None):
     p.add_argument("--amp", default=AMP, choices=["auto", "on", "off"], help="bf16 autocast for the backbone")
     p.add_argument("--strict", action="store_true", help="every warning about the input is an error")
     p.add_argument("--resume", metavar="FILE", help="continue from a last checkpoint (model_last.pth)")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html (report.py) at the end")
     add_runtime_flags(p, batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, device=DEVICE, keep_freed=KEEP_FREED_MEMORY)
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
@@ -219,7 +221,7 @@ def output_paths(args):
     return {
         "best": args.out, "last": os.path.join(folder, f"{stem}_last{ext or '.pth'}"), "curve": args.curve,
         "metrics": os.path.join(folder, "metrics.json"), "metrics_png": os.path.join(folder, "metrics.png"),
-        "val_labels": os.path.join(folder, "val_labels.txt"),
+        "val_labels": os.path.join(folder, "val_labels.txt"), "report": os.path.join(folder, "report.html"),
     }
 
 
@@ -393,56 +395,68 @@ def schedule(args, *, steps_per_epoch, epochs):
 
 # ---- cross-validation: out-of-fold predictions pick the epochs and the thresholds ----
 
-def cross_validate(job):
-    """k heads on the cached features, each trained on k-1 folds and scoring the fold it did not see after every
-    epoch; returns (out-of-fold probabilities (epochs, n, K), the rows they belong to). No image is ever scored by a
-    head that trained on it. The audit (audit.py) uses the same predictions to find suspicious labels."""
-    args = job.args
-    index = job.train_idx
-    fold = fold_indices(job.targets[index], args.folds, args.seed)
-    scores = np.zeros((args.epochs, len(index), len(job.attributes)), dtype=np.float32)
+def out_of_fold(batches, index, targets, *, args, feature_dim, device, stop=None):
+    """Out-of-fold probabilities (epochs, n, K) of the rows index: args.folds heads, each trained on the other folds
+    (batches(rows, True)) and scoring its own fold (batches(rows, False)) after every epoch, so no image is ever
+    scored by a head that trained on it. train.py picks its epochs and thresholds from them; audit.py looks for
+    suspicious labels in them."""
+    fold = fold_indices(targets[index], args.folds, args.seed)
+    num_attributes = targets.shape[1]
+    scores = np.zeros((args.epochs, len(index), num_attributes), dtype=np.float32)
     for f in range(args.folds):
         started = time.time()
         torch.manual_seed(args.seed * 1_000 + f)
-        head = build_head(args.head, job.model.feature_dim, len(job.attributes), hidden=args.hidden,
-                          dropout=args.dropout).to(job.device)
+        head = build_head(args.head, feature_dim, num_attributes, hidden=args.hidden, dropout=args.dropout).to(device)
         train_rows, held = index[fold != f], np.flatnonzero(fold == f)
-        batches, held_batches = job.batches(train_rows, True), job.batches(index[held], False)
+        train_batches, held_batches = batches(train_rows, True), batches(index[held], False)
         optimizer = make_optimizer(head, args)
-        lr_at = schedule(args, steps_per_epoch=len(batches), epochs=args.epochs)
+        lr_at = schedule(args, steps_per_epoch=len(train_batches), epochs=args.epochs)
         forward = flip_tta(head, features=True) if args.tta else head
-        loss_fn = make_loss_for(args, job.targets[train_rows]).to(job.device)
+        loss_fn = make_loss_for(args, targets[train_rows]).to(device)
         for epoch in range(args.epochs):
-            batches.set_epoch(epoch)
+            train_batches.set_epoch(epoch)
             head.train()
-            losses, _ = train_one_epoch(head, batches, loss_fn=loss_fn, optimizer=optimizer, lr_at=lr_at,
-                                        first_step=epoch * len(batches), device=job.device, stop=job.stop,
-                                        label=f"fold {f + 1} epoch {epoch + 1}")
-            if job.stop.requested:
-                return None, None
+            train_one_epoch(head, train_batches, loss_fn=loss_fn, optimizer=optimizer, lr_at=lr_at,
+                            first_step=epoch * len(train_batches), device=device, stop=stop,
+                            label=f"fold {f + 1} epoch {epoch + 1}")
+            if stop is not None and stop.requested:
+                return None
             head.eval()
-            scores[epoch, held] = evaluate(forward, held_batches, device=job.device)[0]
+            scores[epoch, held] = evaluate(forward, held_batches, device=device)[0]
         log(f"fold {f + 1}/{args.folds}: {len(train_rows)} train, {len(held)} held out, {args.epochs} epochs "
             f"in {time.time() - started:.1f}s")
-    return scores, index
+    return scores
 
 
-def choose_from_folds(job, scores, index):
-    """The epoch count with the best out-of-fold mAP (the first of ties), and the thresholds at it."""
-    y = job.targets[index].numpy()
-    history, best = [], None
+def oof_history(scores, y, attributes):
+    """Per epoch the out-of-fold metrics, and the epoch (0-based) with the best mAP (the first of ties)."""
+    history = []
     for epoch, epoch_scores in enumerate(scores):
-        result = attribute_metrics(epoch_scores, y, None, job.attributes)
+        result = attribute_metrics(epoch_scores, y, None, attributes)
         history.append({"epoch": epoch + 1, "map": result["map"],
-                        "macro_f1": macro_f1(epoch_scores, y, [0.5] * len(job.attributes)),
+                        "macro_f1": macro_f1(epoch_scores, y, [0.5] * len(attributes)),
                         "ap": [r["ap"] for r in result["attributes"]]})
-        if best is None or result["map"] > history[best]["map"]:
-            best = epoch
+    maps = [h["map"] for h in history]
+    best = 0 if all(math.isnan(m) for m in maps) else int(np.nanargmax(maps))
+    return history, best
+
+
+def cross_validate(job):
+    """The epochs and thresholds of the final head, from out-of-fold predictions; False if Ctrl-C stopped it."""
+    index = job.train_idx
+    scores = out_of_fold(job.batches, index, job.targets, args=job.args, feature_dim=job.model.feature_dim,
+                         device=job.device, stop=job.stop)
+    if scores is None:
+        return False
+    y = job.targets[index].numpy()
+    history, best = oof_history(scores, y, job.attributes)
     thresholds, notes = pick_thresholds(job, scores[best], y)
     log(f"cross-validation: out-of-fold mAP {history[best]['map']:.4f} after {best + 1} epochs "
         f"(of {len(scores)}); the final head trains {best + 1} epochs on all {len(index)} rows")
     job.epochs = best + 1
-    job.cv = {"history": history, "best": (scores[best], y, thresholds, notes), "epochs": best + 1}
+    job.cv = {"history": history, "best": (scores[best], y, thresholds, notes), "epochs": best + 1,
+              "index": index}
+    return True
 
 
 def pick_thresholds(job, scores, y):
@@ -570,6 +584,10 @@ def finish(job):
     if job.stop.requested:
         log("interrupted: outputs so far are written; continue with --resume " + outputs["last"])
         return 130
+    if not job.args.no_report and (len(job.val_idx) or job.cv):
+        import report  # the HTML report of the best model on its validation part, with an audit of every label
+
+        report.after_training(job.args, outputs, workers=job.workers, cross_validated=bool(job.cv))
     return 0
 
 
@@ -617,12 +635,9 @@ def run(args):
             log("interrupted during feature extraction: the features extracted so far are cached; nothing trained")
             return 130
         with small_matmuls(job.cached and job.device.type == "cpu"):
-            if job.folds:
-                scores, index = cross_validate(job)
-                if scores is None:
-                    log("interrupted during cross-validation: nothing trained")
-                    return 130
-                choose_from_folds(job, scores, index)
+            if job.folds and not cross_validate(job):
+                log("interrupted during cross-validation: nothing trained")
+                return 130
             fit(job)
     finally:
         job.stop.restore()

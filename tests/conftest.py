@@ -15,8 +15,9 @@ import make_sample  # noqa: E402
 
 # Small images keep every backbone forward cheap; the pipeline does not care about the size. "--folds 0": one
 # validation split, whose outputs (val_labels.txt, a best epoch) most tests check; the cross-validation tests
-# (test_train.py) leave it out.
-FAST = ["--weights", "none", "--image-size", "64", "--num-workers", "0", "--batch-size", "8", "--folds", "0"]
+# (test_train.py) leave it out. --no-report: report.html has its own tests (tests/test_report.py).
+FAST = ["--weights", "none", "--image-size", "64", "--num-workers", "0", "--batch-size", "8", "--folds", "0",
+        "--no-report"]
 
 
 @pytest.fixture(scope="module")

@@ -177,7 +177,7 @@ def test_the_pipeline_learns_with_pretrained_features(tmp_path, capsys):
     result = train.main(["--backbone", "efficientnet_lite0", "--labels", os.path.join(ROOT, "labels.txt"),
                          "--images", os.path.join(ROOT, "images"), "--out", str(tmp_path / "model.pth"),
                          "--curve", str(tmp_path / "curve.png"), "--cache-dir", str(tmp_path / "cache"),
-                         "--epochs", "30", "--seed", "0"])
+                         "--epochs", "30", "--seed", "0", "--no-report"])
     assert result == 0
     metrics = json.load(open(tmp_path / "metrics.json"))
     validation = metrics["validation"]

@@ -1,0 +1,56 @@
+"""Grad-CAM: which part of an image raised an attribute's logit (inference.py --explain, report.py).
+
+captum's LayerGradCam rather than the grad-cam package: captum is pure PyTorch, while grad-cam pulls in
+OpenCV (tens of MB, a second image stack beside PIL) for resizing and colour maps that torch and matplotlib
+already do here.
+"""
+import os
+
+import numpy as np
+import torch
+
+from dataset import load_image
+from model import GRADCAM_LAYERS
+
+BATCH = 16  # images per Grad-CAM forward and backward (memory grows with it, speed barely)
+
+
+def gradcam(model, x, targets, *, backbone, relu=True):
+    """Grad-CAM maps (n, H, W) float32 at the input's size, map i for image x[i] and attribute targets[i].
+
+    The backbone is frozen (requires_grad False) and in eval mode: Grad-CAM needs the gradient of the logit with
+    respect to the layer's activations, never the weights', and captum asks autograd for exactly that. relu:
+    keep only the evidence for the attribute (the paper's choice); False gives the signed map."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    model.eval()
+    method = LayerGradCam(model, model.backbone.get_submodule(GRADCAM_LAYERS[backbone]))
+    maps = []
+    # A caller inside no_grad or inference_mode (inference.py's predict loop) must still get gradients here;
+    # the clone turns an inference-mode tensor into one autograd may use.
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x.clone()
+        for start in range(0, len(x), BATCH):
+            cam = method.attribute(x[start:start + BATCH], target=[int(t) for t in targets[start:start + BATCH]],
+                                   relu_attributions=relu)
+            maps.append(LayerAttribution.interpolate(cam.detach().float(), tuple(x.shape[-2:]), "bilinear")[:, 0])
+    return torch.cat(maps).cpu().numpy() if maps else np.zeros((0, *x.shape[-2:]), dtype=np.float32)
+
+
+def explain_image(model, image, *, backbone, transform, num_attributes):
+    """Grad-CAM maps (K, H, W) of one PIL image, one per attribute."""
+    x = transform(image).unsqueeze(0)
+    device = next(model.parameters()).device
+    return gradcam(model, x.expand(num_attributes, -1, -1, -1).to(device), range(num_attributes), backbone=backbone)
+
+
+def write_explanation(model, path, probabilities, *, ckpt, thresholds, transform, out_dir):
+    """OUT_DIR/<image name>_cam.png: the image and one heat-map panel per attribute; returns its path."""
+    from figures import cam_figure, save_figure
+
+    image = load_image(path)
+    cams = explain_image(model, image, backbone=ckpt["backbone"], transform=transform,
+                         num_attributes=len(ckpt["attributes"]))
+    out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_cam.png")
+    save_figure(cam_figure(image, cams, ckpt["attributes"], probabilities, thresholds), out)
+    return out
