@@ -151,8 +151,9 @@ def lr_factor(step, *, schedule, total_steps, warmup_steps):
     return 1.0
 
 
-def train_one_epoch(forward, batches, *, loss_fn, optimizer, lr_at, first_step, device, stop, label):
-    """One pass over batches of (indices, x, y); returns (the loss of each optimizer step, images seen)."""
+def train_one_epoch(forward, batches, *, loss_fn, optimizer, lr_at, first_step, device, stop=None, label="train"):
+    """One pass over batches of (indices, x, y); returns (the loss of each optimizer step, images seen). Ends after
+    the step in progress when stop.requested (Ctrl-C)."""
     losses, seen = [], 0
     bar = Progress(batches.num_images, label)
     for indices, x, y in batches:
@@ -165,7 +166,7 @@ def train_one_epoch(forward, batches, *, loss_fn, optimizer, lr_at, first_step, 
         losses.append(loss.item())
         seen += len(indices)
         bar(len(indices), f"loss {losses[-1]:.4f}")
-        if stop.requested:
+        if stop is not None and stop.requested:
             break
     bar.close()
     return losses, seen
