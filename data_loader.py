@@ -6,6 +6,7 @@ import math
 import numpy as np
 import torch
 
+import distributed
 from dataset import ImageDataset, collate
 from utils import UserError, seed_worker
 
@@ -114,14 +115,36 @@ def refine(labels, part, rng, rounds=200, sample=128):
     return part
 
 
-def make_loader(dataset, batch_size, shuffle, num_workers, seed=0, device=None):
+def make_loader(dataset, batch_size, shuffle, num_workers, seed=0, device=None, shard=None):
+    """shard (rank, world size): the batches of the one-process loader (same sampler, same generator, so the same
+    order each epoch), each cut to this rank's share: the global batch stays batch_size (GlobalBatchShard)."""
     generator = torch.Generator()
     generator.manual_seed(seed)
+    batching = {"batch_size": batch_size, "shuffle": shuffle}
+    if shard is not None:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else \
+            torch.utils.data.SequentialSampler(dataset)
+        batching = {"batch_sampler": GlobalBatchShard(torch.utils.data.BatchSampler(sampler, batch_size, False), *shard)}
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=collate,
+        dataset, **batching, num_workers=num_workers, collate_fn=collate,
         worker_init_fn=seed_worker, generator=generator, persistent_workers=False,
         pin_memory=device is not None and device.type == "cuda",
     )
+
+
+class GlobalBatchShard(torch.utils.data.Sampler):
+    """Every world-th image of each batch of batch_sampler, from the rank-th: the ranks split one global batch.
+    Not DistributedSampler, which splits the epoch (another order) and pads it by repeating images."""
+
+    def __init__(self, batch_sampler, rank, world):
+        self.batch_sampler, self.rank, self.world = batch_sampler, rank, world
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for batch in self.batch_sampler:
+            yield batch[self.rank::self.world]
 
 
 def epoch_seed(seed, epoch):
@@ -142,11 +165,16 @@ class ImageBatches:
     An image that fails to decode (a truncated file) is warned about once through `report`, kept in `failed`
     (path -> message) and left out of its batch."""
 
-    def __init__(self, paths, index, targets, transform, *, batch_size, shuffle, num_workers, seed, device, report):
-        self.loader = make_loader(Subset(paths, index, transform), batch_size, shuffle, num_workers, seed, device)
+    def __init__(self, paths, index, targets, transform, *, batch_size, shuffle, num_workers, seed, device, report,
+                 shard=False):
+        """shard (under torchrun): this rank's share of each batch; train.evaluate gathers the shares."""
+        self.sharded = shard
+        self.loader = make_loader(Subset(paths, index, transform), batch_size, shuffle, num_workers, seed, device,
+                                  shard=(distributed.rank(), distributed.world_size()) if shard else None)
         self.targets, self.seed, self.report = targets, seed, report
         self.failed = {}
         self.num_images = len(index)
+        self.empty = None  # a batch of no images, of the shape of the last one
 
     def set_epoch(self, epoch):
         self.loader.generator.manual_seed(epoch_seed(self.seed, epoch))
@@ -163,7 +191,11 @@ class ImageBatches:
                     self.report.warn("unreadable image", f"{message}; skipped")
             if images is not None:
                 index = dataset.index[indices]
+                self.empty = images[:0]
                 yield index.numpy(), images, self.targets[index]
+            elif self.sharded and self.empty is not None:
+                # Every rank takes every step (DDP's gradient sum waits for all): a share of nothing is a step too.
+                yield np.zeros(0, dtype=np.int64), self.empty, self.targets[:0]
 
 
 class FeatureBatches:

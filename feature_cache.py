@@ -42,6 +42,7 @@ import zlib
 import numpy as np
 import torch
 
+import distributed
 from data_loader import make_loader
 from dataset import ImageDataset, eval_transform
 from model import fold_batchnorm
@@ -298,6 +299,48 @@ def extract(model, paths, image_size, mean, std, batch_size, num_workers, device
             yield indices.numpy(), f, errors
 
 
+def shared_extract(model, paths, *args, **kwargs):
+    """extract() over every rank's share of paths, in step: rank 0 yields each round's batches of all ranks
+    (indices into paths), the other ranks yield nothing. One process: extract() itself. A rank's share is every
+    world_size-th batch of the one-process run, from its rank-th, so each batch holds the same images as there
+    (and its features are bitwise the same on the same device)."""
+    if not distributed.active():
+        yield from extract(model, paths, *args, **kwargs)
+        return
+    batch_size = args[3]
+    starts = range(0, len(paths), batch_size)
+    mine = np.array([i for start in starts[distributed.rank()::distributed.world_size()]
+                     for i in range(start, min(start + batch_size, len(paths)))], dtype=np.int64)
+    rounds = len(starts[::distributed.world_size()])  # rank 0's batches, the most
+    batches = extract(model, [paths[i] for i in mine], *args, **kwargs)
+    for _ in range(rounds):
+        indices, features, errors = next(batches, (np.zeros(0, dtype=np.int64), None, []))
+        piece = (mine[indices], features, [(int(mine[i]), message) for i, message in errors])
+        pieces = [None] * distributed.world_size() if distributed.is_main() else None
+        torch.distributed.gather_object(piece, pieces, dst=0)
+        for indices, features, errors in pieces or []:
+            if len(indices) or errors:
+                yield indices, features, errors
+
+
+def shared_array(store, folder, dim, *, copy):
+    """The store's rows on every rank: rank 0's memory map, read by the other ranks from the same file where they
+    see it whole (a shared filesystem), else sent to them by rank 0 (and always for a temporary store)."""
+    data = store.array() if store else None
+    if copy and store:
+        data = np.array(data)
+    if not distributed.active():
+        return data
+    name, n = distributed.broadcast((store.data_name, len(store.keys)) if store else None)
+    path = os.path.join(folder, name)
+    seen = not copy and (store is not None or (os.path.exists(path) and os.path.getsize(path) >= n * 2 * dim * 4))
+    if distributed.all_sum([not seen])[0]:
+        return distributed.broadcast(np.asarray(data) if store else None)
+    if store or not n:
+        return data if store else np.zeros((0, 2, dim), dtype=np.float32)
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(n, 2, dim))
+
+
 def cached_features(model, paths, *, backbone, image_size, mean, std, cache_dir, batch_size, num_workers, device,
                     amp, report, stop=None, mirror=None):
     """Features for paths, reusing the disk cache; returns (array (rows, 2, D), row of each path, ok mask).
@@ -310,26 +353,28 @@ def cached_features(model, paths, *, backbone, image_size, mean, std, cache_dir,
     def warn(message):  # damage of the cache is our problem, not the user's: --strict does not stop on it
         report.warn("feature cache", message, False)
 
-    def should_stop():
-        return stop is not None and stop.requested
+    def should_stop():  # under torchrun every rank extracts in step with the others to the end
+        return stop is not None and stop.requested and not distributed.active()
 
     dim = model.feature_dim
     mirror = np.ones(len(paths), dtype=bool) if mirror is None else np.asarray(mirror, dtype=bool)
     temporary = tempfile.mkdtemp(prefix="features-") if cache_dir is None else None
     folder = temporary or os.path.join(cache_dir, fingerprint(model, backbone, image_size, mean, std, amp))
-    store = FeatureStore(folder, dim, warn=warn)
+    # Under torchrun only rank 0 opens the store (reads, writes, locks it): the other ranks extract their share and
+    # send it to rank 0 through the process group, so no lock and no file is shared between processes.
+    store = FeatureStore(folder, dim, warn=warn) if distributed.is_main() else None
     try:
         keys = [image_key(p) for p in paths]
-        rows, mirrored = store.lookup(keys)
+        rows, mirrored = distributed.broadcast(store.lookup(keys) if store else None)
         # One file under two names (`a.jpg`, `./a.jpg`) is one image: the first name stands for both.
         first = {}
         for i, k in enumerate(keys):
             first.setdefault(k, i)
             mirror[first[k]] |= mirror[i]
         unique = np.array([first[k] == i for i, k in enumerate(keys)], dtype=bool)
-        jobs = [  # (indices into paths, views to compute, how to store them)
-            (np.flatnonzero(unique & (rows < 0) & mirror), (0, 1), store.append),
-            (np.flatnonzero(unique & (rows < 0) & ~mirror), (0,), store.append),
+        jobs = [  # (indices into paths, views to compute, how to store them: rank 0's store only)
+            (np.flatnonzero(unique & (rows < 0) & mirror), (0, 1), store and store.append),
+            (np.flatnonzero(unique & (rows < 0) & ~mirror), (0,), store and store.append),
             (np.flatnonzero(unique & (rows >= 0) & ~mirrored & mirror), (1,), None),
         ]
         ok = np.ones(len(paths), dtype=bool)
@@ -345,8 +390,8 @@ def cached_features(model, paths, *, backbone, image_size, mean, std, cache_dir,
             for todo, views, store_fn in jobs:
                 if not len(todo) or should_stop():
                     continue
-                for indices, features, errors in extract(model, [paths[i] for i in todo], image_size, mean, std,
-                                                         batch_size, num_workers, device, amp, views):
+                for indices, features, errors in shared_extract(model, [paths[i] for i in todo], image_size, mean,
+                                                                std, batch_size, num_workers, device, amp, views):
                     for i, message in errors:
                         ok[todo[i]] = False
                         report.warn("unreadable image", f"{message}; skipped")
@@ -362,17 +407,19 @@ def cached_features(model, paths, *, backbone, image_size, mean, std, cache_dir,
                     bar(len(indices) + len(errors))
                     if should_stop():
                         break
-            store.write_index()
+            if store:
+                store.write_index()
             elapsed = time.time() - started
             log(f"extracted in {elapsed:.1f}s ({forwards / max(elapsed, 1e-9):.1f} forwards/s)")
+        if distributed.active():
+            rows, ok = distributed.broadcast((rows, ok) if store else None)
         for i, k in enumerate(keys):
             rows[i], ok[i] = rows[first[k]], ok[first[k]]
-        data = store.array()
-        if temporary:
-            data = np.array(data)
+        data = shared_array(store, folder, dim, copy=bool(temporary))
         ok &= rows >= 0
         return data, rows, ok
     finally:
-        store.close()
+        if store:
+            store.close()
         if temporary:
             shutil.rmtree(temporary, ignore_errors=True)

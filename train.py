@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+import distributed
 from data_loader import FeatureBatches, ImageBatches, fold_indices, split_indices
 from dataset import (eval_transform, format_counts, label_counts, load_dataset, load_image, train_transform,
                      write_labels)
@@ -33,7 +34,7 @@ from model import (BACKBONES, HEADS, build_head, build_model, flip_tta, imagenet
                    make_checkpoint, save_checkpoint)
 from utils import (Progress, Report, StopFlag, UserError, add_runtime_flags, amp_context, bf16_is_native,
                    check_folder, check_writable, keep_freed_memory, log, pick_device, resolve_workers, restore_rng,
-                   rng_state, run_cli, seed_everything, small_matmuls, write_json)
+                   rng_state, seed_everything, small_matmuls, write_json)
 
 # ---- hyperparameters (each can be overridden: --name value) ----
 LABELS = "labels.txt"  # labels file: image_name v1 .. vK per line, values 1 / 0 / NA
@@ -180,6 +181,8 @@ def evaluate(forward, batches, *, device, loss_fn=None):
         logits.append(forward(x.to(device, non_blocking=True)).float())
         indices.append(index)
         targets.append(y)
+    if getattr(batches, "sharded", False):  # each rank scored its share: every rank gets all, in index order
+        logits, indices, targets = distributed.gather_batches(logits, indices, targets, device=device)
     if not logits:
         return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64), None
     logits = torch.cat(logits)
@@ -298,7 +301,7 @@ def setup(args):
     check_writable(list(outputs.values()))
     if cached and not args.no_cache:
         check_folder(args.cache_dir, "the feature cache folder", hint="give another --cache-dir or use --no-cache")
-    device = pick_device(args.device)
+    device = distributed.local_device(pick_device(args.device))
     amp = args.amp == "on" or (args.amp == "auto" and bf16_is_native(device))
     kept = args.keep_freed_memory and keep_freed_memory(device)
     workers = resolve_workers(args.num_workers, device)
@@ -330,6 +333,7 @@ def setup(args):
         device=device, workers=workers, report=report, table=table, attributes=table.attributes, paths=paths,
         targets=targets, train_idx=train_idx, val_idx=val_idx, counts=label_counts(targets[train_idx]),
         model=model, loss_fn=make_loss_for(args, targets[train_idx]).to(device), optimizer=optimizer, state=state,
+        train_loss_fn=None,
         mean=mean, std=std, stop=StopFlag(), pending={}, best=None, cv=None)
 
 
@@ -361,13 +365,18 @@ def make_batches(job):
         job.train_idx, job.val_idx = job.train_idx[ok[job.train_idx]], job.val_idx[ok[job.val_idx]]
         job.forward = image_forward(job.model, device=job.device, amp=job.amp)
         job.eval_forward = flip_tta(job.forward, features=False) if args.tta else job.forward
+        if distributed.active():  # each rank trains on its share of every global batch; DDP sums the gradients
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                job.model, device_ids=[job.device] if job.device.type == "cuda" else None)
+            job.forward = image_forward(ddp, device=job.device, amp=job.amp)
+            job.train_loss_fn = distributed.global_mean_loss(job.loss_fn)
         transforms = {True: train_transform(args.image_size, job.mean, job.std, augment=args.augment),
                       False: eval_transform(args.image_size, job.mean, job.std)}
 
         def batches(index, train):
             return ImageBatches(job.paths, index, job.targets, transforms[train], batch_size=args.batch_size,
                                 shuffle=train, num_workers=job.workers, seed=args.seed, device=job.device,
-                                report=job.report)
+                                report=job.report, shard=distributed.active())
     if len(job.train_idx) == 0:
         raise UserError(f"{args.labels}: no training image could be read")
     job.batches = batches
@@ -489,7 +498,8 @@ def fit(job):
         started = time.time()
         job.model.train()
         job.train_batches.set_epoch(epoch)
-        losses, seen = train_one_epoch(job.forward, job.train_batches, loss_fn=job.loss_fn, optimizer=job.optimizer,
+        losses, seen = train_one_epoch(job.forward, job.train_batches, loss_fn=job.train_loss_fn or job.loss_fn,
+                                       optimizer=job.optimizer,
                                        lr_at=lr_at, first_step=len(state["losses"]), device=job.device,
                                        stop=job.stop, label=f"epoch {epoch + 1}")
         state["losses"] += losses
@@ -585,10 +595,11 @@ def finish(job):
     if job.stop.requested:
         log("interrupted: outputs so far are written; continue with --resume " + outputs["last"])
         return 130
-    if not job.args.no_report and (len(job.val_idx) or job.cv):
+    if not job.args.no_report and (len(job.val_idx) or job.cv) and distributed.is_main():
         import report  # the HTML report of the best model on its validation part, with an audit of every label
 
-        report.after_training(job.args, outputs, workers=job.workers, cross_validated=bool(job.cv))
+        with distributed.alone():  # rank 0 alone, the others done
+            report.after_training(job.args, outputs, workers=job.workers, cross_validated=bool(job.cv))
     return 0
 
 
@@ -662,7 +673,7 @@ def write_pending(job):
 
 def main(argv=None):
     try:
-        return run_cli(run, parse_args(argv))
+        return distributed.launch(run, parse_args(argv))
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("interrupted", file=sys.stderr)
         return 130

@@ -169,12 +169,17 @@ def disk_error(path, error, *, needed=None, hint=OUTPUT_HINT):
     return error
 
 
+WRITE_FILES = True  # False on every torchrun rank but 0 (distributed.py): one process writes the outputs
+
+
 def atomic_write(path, content, *, size=None, hint=OUTPUT_HINT):
     """Write content to path through a temporary file beside it, synced and renamed, so that path holds the old
     file or the new one, never half of one, and no temporary file stays behind. content: bytes (or anything with
     the buffer protocol), str (UTF-8), or write(tmp_path) for writers that need a file name (size: about how
     many bytes it writes, for the error message). Every file the project writes comes through here, so a full
     disk, a quota, a read-only or forbidden folder end in one `error:` line (disk_error) wherever they happen."""
+    if not WRITE_FILES:
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         if callable(content):

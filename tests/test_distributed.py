@@ -1,0 +1,109 @@
+"""train.py, inference.py and evaluate.py on 2 processes (gloo, CPU, 1 thread each) against 1 process.
+
+The ranks are started here with the environment torchrun gives its workers (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT: init_process_group's env:// rendezvous), so that each rank's output can be read apart and a
+hang fails at the timeout; test_torchrun runs one job through torchrun itself."""
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from conftest import FAST, ROOT, run_script
+
+TIMEOUT = 120  # seconds for a whole 2-process job on a busy 2-core machine
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(script, *args, world=2, timeout=TIMEOUT):
+    """[(returncode, stdout, stderr) of each rank], all started at once as torchrun would."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", TRAIN_DIST_TIMEOUT="60")
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline, results = time.time() + timeout, []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(deadline - time.time(), 1))
+            results.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return results
+
+
+def one_process(script, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def ok(results):
+    for code, out, err in results:
+        assert code == 0, err
+    return results[0]
+
+
+def cache_rows(cache_dir):
+    """{image key: (2, D) features} of the one feature store under cache_dir."""
+    (folder,) = glob.glob(os.path.join(cache_dir, "*", ""))
+    with np.load(os.path.join(folder, "index.npz")) as z:
+        meta, keys = json.loads(z["meta"].tobytes()), z["keys"].tobytes().decode().split("\0")
+    data = np.fromfile(os.path.join(folder, meta["data"]), dtype=np.float32).reshape(-1, 2, meta["dim"])
+    return dict(zip(keys, data[:len(keys)]))
+
+
+def head(path):
+    return {k: v for k, v in torch.load(path, weights_only=True)["model"].items() if k.startswith("head.")}
+
+
+def numbers(obj):
+    """Every number of a metrics.json, in order, rounded to 3 decimals (NaN as a string)."""
+    if isinstance(obj, dict):
+        return [x for k in sorted(obj) if k != "warnings" for x in numbers(obj[k])]
+    if isinstance(obj, list):
+        return [x for v in obj for x in numbers(v)]
+    if isinstance(obj, float):
+        return ["nan" if obj != obj else round(obj, 3)]
+    return [obj] if isinstance(obj, int) else []
+
+
+def train_args(tiny_set, out, *extra):
+    """FAST flags (a later --folds wins), outputs and feature cache in out."""
+    labels, images = tiny_set
+    return ["--labels", labels, "--images", images, *FAST, "--out", out / "model.pth", "--curve", out / "curve.png",
+            "--cache-dir", out / "cache", *extra]
+
+
+def test_cached_path_equals_one_process(tiny_set, tmp_path):
+    """2-fold cross-validation and the final head on features extracted half by each rank: the same features
+    (bitwise: a rank's batch holds the same 8 images as the one-process batch), head and metrics.json."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert one_process("train.py", *train_args(tiny_set, one, "--folds", "2", "--epochs", "3")).returncode == 0
+    rank0, rank1 = run_ranks("train.py", *train_args(tiny_set, two, "--folds", "2", "--epochs", "3"))
+    assert rank0[0] == rank1[0] == 0, rank0[2] + rank1[2]
+    assert rank1[1] == "" and "cross-validation" in rank0[1]  # only rank 0 speaks
+    a, b = cache_rows(one / "cache"), cache_rows(two / "cache")
+    assert sorted(a) == sorted(b) and len(a) == 24
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    for k, v in head(one / "model.pth").items():
+        assert torch.allclose(v, head(two / "model.pth")[k], atol=1e-5), k
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert numbers(m1) == numbers(m2) and len(numbers(m1)) > 20
+    # A later run of any world size uses the store the 2 ranks left: nothing left to extract.
+    again = one_process("train.py", *train_args(tiny_set, tmp_path / "again", "--folds", "2", "--epochs", "1",
+                                                "--cache-dir", two / "cache"))
+    assert "24 of 24 images found" in again.stdout and "extracting" not in again.stdout
