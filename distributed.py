@@ -104,9 +104,13 @@ def gather_batches(logits, indices, targets, *, device):
     return [logits], [index[order]], [targets]
 
 
-def shard(n):
-    """This rank's share of n items: every world_size-th from its rank (all of them in one process)."""
-    return np.arange(rank(), n, world_size())
+def shard_batches(n, batch_size):
+    """This rank's share of n items in batches: every world_size-th batch of the one-process run, from its rank-th;
+    returns (index arrays of its batches, rounds): the ranks step through `rounds` rounds of one batch each (the
+    last rounds of the higher ranks are empty), so what one round yields stays in the one-process order."""
+    starts = range(0, n, batch_size)
+    mine = [np.arange(s, min(s + batch_size, n)) for s in starts[rank()::world_size()]]
+    return mine, len(starts[::world_size()])
 
 
 def global_mean_loss(loss_fn):

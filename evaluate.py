@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 
+import distributed
 from data_loader import ImageBatches
 from dataset import eval_transform, load_dataset
 from inference import KEEP_FREED_MEMORY, NUM_WORKERS
@@ -19,7 +20,7 @@ from metrics import attribute_metrics, format_table, to_json
 from model import flip_tta, folded_forward, load_checkpoint, model_from_checkpoint
 from train import evaluate
 from utils import (Report, UserError, add_runtime_flags, check_batch_size, keep_freed_memory, pick_device,
-                   resolve_workers, run_cli)
+                   resolve_workers)
 
 
 def parse_args(argv=None):
@@ -44,7 +45,7 @@ def run(args):
     if len(table.attributes) != len(attributes):
         raise UserError(f"{args.labels}: {len(table.attributes)} attributes, but {args.model} predicts "
                         f"{len(attributes)} ({', '.join(attributes)})")
-    device = pick_device(args.device)
+    device = distributed.local_device(pick_device(args.device))
     if args.keep_freed_memory:
         keep_freed_memory(device)
     model = model_from_checkpoint(ckpt, args.model).to(device)
@@ -53,7 +54,7 @@ def run(args):
                            eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"]),
                            batch_size=args.batch_size, shuffle=False,
                            num_workers=resolve_workers(args.num_workers, device), seed=0, device=device,
-                           report=report)
+                           report=report, shard=distributed.active())  # train.evaluate gathers the shares
     forward = folded_forward(model)
     if ckpt.get("tta", False) and not args.no_tta:
         forward = flip_tta(forward, features=False)
@@ -72,7 +73,7 @@ def run(args):
 
 
 def main(argv=None):
-    return run_cli(run, parse_args(argv))
+    return distributed.launch(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -307,11 +307,8 @@ def shared_extract(model, paths, *args, **kwargs):
     if not distributed.active():
         yield from extract(model, paths, *args, **kwargs)
         return
-    batch_size = args[3]
-    starts = range(0, len(paths), batch_size)
-    mine = np.array([i for start in starts[distributed.rank()::distributed.world_size()]
-                     for i in range(start, min(start + batch_size, len(paths)))], dtype=np.int64)
-    rounds = len(starts[::distributed.world_size()])  # rank 0's batches, the most
+    batches, rounds = distributed.shard_batches(len(paths), args[3])
+    mine = np.concatenate(batches + [np.zeros(0, dtype=np.int64)])
     batches = extract(model, [paths[i] for i in mine], *args, **kwargs)
     for _ in range(rounds):
         indices, features, errors = next(batches, (np.zeros(0, dtype=np.int64), None, []))

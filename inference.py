@@ -9,17 +9,19 @@
 Everything (backbone, attribute names, image size, normalization, thresholds) comes from the checkpoint.
 """
 import argparse
+import itertools
 import json
 import os
 import sys
 
 import torch
 
+import distributed
 from data_loader import make_loader
 from dataset import ImageDataset, eval_transform, list_images, load_image
 from model import flip_tta, folded_forward, load_checkpoint, model_from_checkpoint
 from utils import (UserError, add_runtime_flags, check_batch_size, check_writable, keep_freed_memory, pick_device,
-                   resolve_workers, run_cli)
+                   resolve_workers)
 
 BATCH_SIZE = 32
 NUM_WORKERS = "auto"  # DataLoader workers for several images; auto: 2, or 0 on a CPU with 2 cores or fewer
@@ -75,6 +77,21 @@ def predict(model, paths, transform, *, device, batch_size, num_workers, tta=Fal
                 yield paths[i], probabilities.get(i), messages.get(i)
 
 
+def shared_predict(model, paths, transform, *, batch_size, **kwargs):
+    """predict() under torchrun: each rank predicts every world_size-th batch; every rank yields all the results,
+    round by round, in input order. One process: predict() itself."""
+    if not distributed.active():
+        yield from predict(model, paths, transform, batch_size=batch_size, **kwargs)
+        return
+    batches, rounds = distributed.shard_batches(len(paths), batch_size)
+    mine = [paths[i] for batch in batches for i in batch]
+    results = predict(model, mine, transform, batch_size=batch_size, **kwargs)
+    for r in range(rounds):
+        size = len(batches[r]) if r < len(batches) else 0
+        for part in distributed.all_gather(list(itertools.islice(results, size))):
+            yield from part
+
+
 def run(args):
     check_batch_size(args)
     if args.explain and args.model.endswith(".onnx"):
@@ -83,7 +100,7 @@ def run(args):
     if args.explain:
         check_writable([os.path.join(args.explain, "image_cam.png")])
     ckpt = load_checkpoint(args.model)
-    device = pick_device(args.device)
+    device = distributed.local_device(pick_device(args.device))
     if args.keep_freed_memory:
         keep_freed_memory(device)
     model = model_from_checkpoint(ckpt, args.model).to(device).to(memory_format=torch.channels_last)
@@ -97,8 +114,8 @@ def run(args):
     failures = 0
     workers = resolve_workers(args.num_workers, device)
     tta = ckpt.get("tta", False) and not args.no_tta
-    for path, probabilities, error in predict(model, paths, transform, device=device, batch_size=args.batch_size,
-                                              num_workers=workers, tta=tta):
+    for path, probabilities, error in shared_predict(model, paths, transform, device=device,
+                                                     batch_size=args.batch_size, num_workers=workers, tta=tta):
         if error is not None:
             failures += 1
             print(f"error: {error}", file=sys.stderr)
@@ -106,7 +123,7 @@ def run(args):
                 print(json.dumps({"image": path, "error": error}), flush=True)
             continue
         present = [a for a, p, t in zip(attributes, probabilities, thresholds) if p >= t]
-        if args.explain:
+        if args.explain and distributed.is_main():
             from explain import write_explanation
 
             out = write_explanation(model, path, probabilities, ckpt=ckpt, thresholds=thresholds,
@@ -124,7 +141,7 @@ def run(args):
 
 
 def main(argv=None):
-    return run_cli(run, parse_args(argv))
+    return distributed.launch(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -107,3 +107,36 @@ def test_cached_path_equals_one_process(tiny_set, tmp_path):
     again = one_process("train.py", *train_args(tiny_set, tmp_path / "again", "--folds", "2", "--epochs", "1",
                                                 "--cache-dir", two / "cache"))
     assert "24 of 24 images found" in again.stdout and "extracting" not in again.stdout
+
+
+def test_inference_and_evaluate_equal_one_process(tiny_set, tmp_path):
+    """Each rank predicts every other batch of 8 (24 images, 3 batches: rank 0 two, rank 1 one); rank 0 prints
+    every line in input order: the one-process lines, the probabilities equal to float rounding."""
+    labels, images = tiny_set
+    assert one_process("train.py", *train_args(tiny_set, tmp_path, "--epochs", "1")).returncode == 0
+    model = tmp_path / "model.pth"
+    single = one_process("inference.py", images, "--model", model, "--json", "--batch-size", "8", "--num-workers", "0")
+    rank0 = ok(run_ranks("inference.py", images, "--model", model, "--json", "--batch-size", "8", "--num-workers", "0"))
+    lines1, lines2 = [json.loads(x) for x in single.stdout.splitlines()], [json.loads(x) for x in rank0[1].splitlines()]
+    assert [x["image"] for x in lines1] == [x["image"] for x in lines2] and len(lines1) == 24
+    assert [x["present"] for x in lines1] == [x["present"] for x in lines2]
+    for a, b in zip(lines1, lines2):
+        assert np.allclose(list(a["probabilities"].values()), list(b["probabilities"].values()), atol=1e-5)
+    flags = ["--labels", labels, "--images", images, "--model", model, "--batch-size", "8", "--num-workers", "0"]
+    single = one_process("evaluate.py", *flags)
+    rank0, rank1 = run_ranks("evaluate.py", *flags)
+    assert rank0[0] == rank1[0] == 0 and rank1[1] == ""
+    assert rank0[1] == single.stdout and rank0[1].startswith("24 images")
+
+
+def test_a_bad_labels_file_ends_every_rank_with_one_error_line(tiny_set, tmp_path):
+    labels, images = tiny_set
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a.jpg 1 0\nb.jpg 1\n")
+    started = time.time()
+    results = run_ranks("train.py", *train_args((str(bad), images), tmp_path), timeout=60)
+    assert time.time() - started < 60
+    assert all(code != 0 for code, _, _ in results)
+    stderr = "".join(err for _, _, err in results)
+    assert len([line for line in stderr.splitlines() if line.startswith("error:")]) == 1, stderr
+    assert "Traceback" not in stderr and str(bad) in stderr
