@@ -140,3 +140,64 @@ def test_a_bad_labels_file_ends_every_rank_with_one_error_line(tiny_set, tmp_pat
     stderr = "".join(err for _, _, err in results)
     assert len([line for line in stderr.splitlines() if line.startswith("error:")]) == 1, stderr
     assert "Traceback" not in stderr and str(bad) in stderr
+
+
+# One epoch of train.train_one_epoch on the full loop's pieces, with or without torchrun: DDP over a model whose
+# last block trains with its BatchNorm frozen (eval), the loader's global batches split by GlobalBatchShard, and
+# the loss normalized by the global count of known cells (naive: each rank's own mean, which DDP then averages).
+STEP_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import numpy as np, torch
+import distributed, train
+from data_loader import ImageBatches
+from dataset import eval_transform, load_dataset
+from loss import make_loss, pos_weights
+from model import build_model
+from utils import Report
+
+def run(argv):
+    labels, images, out, naive = argv
+    torch.set_num_threads(1)
+    _, paths, targets = load_dataset(labels, images, Report())
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v3_large", targets.shape[1], "none", "last", 64).train()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.Dropout)):  # frozen statistics, no random masks
+            module.eval()
+    forward, loss_fn = model, make_loss("bce", pos_weights(targets)[0])
+    if distributed.active():
+        forward = torch.nn.parallel.DistributedDataParallel(model)
+        loss_fn = loss_fn if naive == "naive" else distributed.global_mean_loss(loss_fn)
+    optimizer = torch.optim.SGD([{{"params": [p for p in model.parameters() if p.requires_grad], "base_lr": 0.5}}])
+    batches = ImageBatches(paths, np.arange(len(paths)), targets, eval_transform(64, (0.5,) * 3, (0.25,) * 3),
+                           batch_size=8, shuffle=True, num_workers=0, seed=3, device=torch.device("cpu"),
+                           report=Report(), shard=distributed.active())
+    batches.set_epoch(1)
+    losses, seen = train.train_one_epoch(train.image_forward(forward, device=torch.device("cpu"), amp=False),
+                                         batches, loss_fn=loss_fn, optimizer=optimizer, lr_at=lambda step: 1.0,
+                                         first_step=0, device=torch.device("cpu"))
+    if distributed.is_main():
+        torch.save({{"model": model.state_dict(), "losses": losses}}, out)
+    return 0
+
+sys.exit(distributed.launch(run, sys.argv[1:]))
+"""
+
+
+def test_full_loop_step_equals_one_process_with_na_cells(tiny_set, tmp_path):
+    """2 ranks x 4 images per step give the update of 1 x 8, on labels with NA cells (~9%: the halves of a batch
+    hold different numbers of known cells); each rank's own mean, averaged by DDP, does not."""
+    labels, images = tiny_set
+    script = tmp_path / "step.py"
+    script.write_text(STEP_SCRIPT.format(root=ROOT))
+    assert (np.loadtxt(labels, dtype=str)[:, 1:] == "NA").any()
+    assert one_process(script, labels, images, tmp_path / "one.pth", "-").returncode == 0
+    ok(run_ranks(script, labels, images, tmp_path / "two.pth", "-"))
+    ok(run_ranks(script, labels, images, tmp_path / "naive.pth", "naive"))
+    one, two, naive = (torch.load(tmp_path / f"{name}.pth", weights_only=True) for name in ("one", "two", "naive"))
+    assert not any(k.startswith("module.") for k in two["model"])
+    assert len(one["losses"]) == 3  # 24 images, global batches of 8
+    assert np.allclose(one["losses"], two["losses"], atol=1e-5)  # the logged loss is the global batch's mean
+    assert max((one["model"][k] - two["model"][k]).abs().max().item() for k in one["model"]) < 1e-5
+    assert max((one["model"][k] - naive["model"][k]).abs().max().item() for k in one["model"]) > 1e-3
