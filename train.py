@@ -366,6 +366,9 @@ def make_batches(job):
         job.forward = image_forward(job.model, device=job.device, amp=job.amp)
         job.eval_forward = flip_tta(job.forward, features=False) if args.tta else job.forward
         if distributed.active():  # each rank trains on its share of every global batch; DDP sums the gradients
+            if args.batch_size < distributed.world_size():
+                raise UserError(f"--batch-size {args.batch_size} is smaller than the {distributed.world_size()} "
+                                "processes: each one needs an image of every batch")
             ddp = torch.nn.parallel.DistributedDataParallel(
                 job.model, device_ids=[job.device] if job.device.type == "cuda" else None)
             job.forward = image_forward(ddp, device=job.device, amp=job.amp)
@@ -503,6 +506,8 @@ def fit(job):
                                        lr_at=lr_at, first_step=len(state["losses"]), device=job.device,
                                        stop=job.stop, label=f"epoch {epoch + 1}")
         state["losses"] += losses
+        if getattr(job.train_batches, "sharded", False):  # the images of every rank's share
+            seen = int(distributed.all_sum([seen])[0])
         if job.stop.requested:
             break
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan}

@@ -201,3 +201,30 @@ def test_full_loop_step_equals_one_process_with_na_cells(tiny_set, tmp_path):
     assert np.allclose(one["losses"], two["losses"], atol=1e-5)  # the logged loss is the global batch's mean
     assert max((one["model"][k] - two["model"][k]).abs().max().item() for k in one["model"]) < 1e-5
     assert max((one["model"][k] - naive["model"][k]).abs().max().item() for k in one["model"]) > 1e-3
+
+
+def test_full_loop_resumes_across_world_sizes(tiny_set, tmp_path):
+    """--augment strong (the full loop): 1 epoch on 2 ranks, resumed for a second on 1 process, and the other way;
+    the checkpoints are the one-process format (no `module.` prefix) and validation scores all 5 held-out images."""
+    two_then_one, one_then_two = tmp_path / "a", tmp_path / "b"
+    first = train_args(tiny_set, two_then_one, "--augment", "strong", "--epochs", "1")
+    assert "epoch   1/1" in ok(run_ranks("train.py", *first))[1]
+    ckpt = torch.load(two_then_one / "model_last.pth", weights_only=True)
+    assert not any(k.startswith("module.") for k in ckpt["model"]) and ckpt["epoch"] == 1
+    # Every known cell of the 5 validation images counted once: as in val_labels.txt.
+    rows = [line.split()[1:] for line in (two_then_one / "val_labels.txt").read_text().splitlines()[1:]]
+    known = [sum(row[k] != "NA" for row in rows) for k in range(len(rows[0]))]
+    metrics = json.loads((two_then_one / "metrics.json").read_text())
+    assert len(rows) == 5 and [a["positives"] + a["negatives"] for a in metrics["validation"]["attributes"]] == known
+    resumed = one_process("train.py", "--resume", two_then_one / "model_last.pth", "--epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "after epoch 1" in resumed.stdout and "epoch   2/2" in resumed.stdout
+
+    assert one_process("train.py", *train_args(tiny_set, one_then_two, "--augment", "strong", "--epochs", "1")
+                       ).returncode == 0
+    rank0 = ok(run_ranks("train.py", "--resume", one_then_two / "model_last.pth", "--epochs", "2"))
+    assert "after epoch 1" in rank0[1] and "epoch   2/2" in rank0[1]
+    for folder in (two_then_one, one_then_two):
+        ckpt = torch.load(folder / "model_last.pth", weights_only=True)
+        assert ckpt["epoch"] == 2 and len(json.loads(ckpt["state"])["losses"]) == 6  # 3 global batches x 2 epochs
+        assert len(json.loads((folder / "metrics.json").read_text())["history"]) == 2
