@@ -228,3 +228,17 @@ def test_full_loop_resumes_across_world_sizes(tiny_set, tmp_path):
         ckpt = torch.load(folder / "model_last.pth", weights_only=True)
         assert ckpt["epoch"] == 2 and len(json.loads(ckpt["state"])["losses"]) == 6  # 3 global batches x 2 epochs
         assert len(json.loads((folder / "metrics.json").read_text())["history"]) == 2
+
+
+def test_torchrun_inference_prints_the_one_process_lines(tiny_set, tmp_path):
+    """The issue's third command, through torchrun itself (--standalone: c10d rendezvous on this machine)."""
+    labels, images = tiny_set
+    assert one_process("train.py", *train_args(tiny_set, tmp_path, "--epochs", "1")).returncode == 0
+    flags = [images, "--model", tmp_path / "model.pth", "--batch-size", "8", "--num-workers", "0"]
+    single = one_process("inference.py", *flags)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRAIN_DIST_TIMEOUT="60")
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               os.path.join(ROOT, "inference.py"), *map(str, flags)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=TIMEOUT)
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout == single.stdout and len(single.stdout.splitlines()) == 24
