@@ -59,11 +59,6 @@ def local_device(device):
     return device
 
 
-def barrier():
-    if active():
-        dist.barrier()
-
-
 def all_sum(values):
     """Sum over ranks of a float64 array (numbers: counts, flags)."""
     values = torch.as_tensor(np.asarray(values, dtype=np.float64))
@@ -161,6 +156,13 @@ def _say_error(message):
         print(f"error: rank {me}: {message}", file=sys.__stderr__, flush=True)
 
 
+def _peer_gone(error):
+    """A collective failed because another rank ended (its own message says why) or hung past the timeout."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or "Connection closed by peer" in text or "Timed out" in text \
+        or "timed out" in text
+
+
 def launch(run, args):
     """utils.run_cli, on every rank of a torchrun job; returns the exit code (plain run_cli without torchrun)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -174,9 +176,8 @@ def launch(run, args):
             raise
         _say_error(str(e))
         code = 2
-    except RuntimeError as e:  # a collective failed: another rank ended (its own message says why) or hung
-        if "another rank" not in str(e) and not isinstance(e, dist.DistError) and "gloo" not in str(e).lower() \
-                and "Connection closed" not in str(e):
+    except RuntimeError as e:
+        if not _peer_gone(e):
             raise
         print(f"rank {dist.get_rank()}: stopped after {time.time() - started:.0f}s: another rank failed",
               file=sys.__stderr__, flush=True)

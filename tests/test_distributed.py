@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from conftest import FAST, ROOT, run_script
+from conftest import FAST, ROOT
 
 TIMEOUT = 120  # seconds for a whole 2-process job on a busy 2-core machine
 
