@@ -334,7 +334,7 @@ def test_offline_default_command_trains_the_packaged_backbone_and_says_why(tiny_
     captured = capsys.readouterr()
     warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "resnet50-11ad3fa6.pth" in warnings[0] and "efficientnet_lite0" in warnings[0]
-    first = captured.out.splitlines()[0]
+    first = next(line for line in captured.out.splitlines() if line.startswith("path:"))
     assert "backbone efficientnet_lite0" in first and "resnet50's ImageNet weights could not be had" in first
     ckpt = torch.load(tmp_path / "model.pth", weights_only=True)
     assert ckpt["backbone"] == "efficientnet_lite0" and "could not be had" in ckpt["backbone_reason"]
