@@ -5,18 +5,21 @@
     python inference.py image.jpg --json          # one JSON object per image, with probabilities
     python inference.py image.jpg --model runs/model.pth --threshold 0.4
 
-Everything (backbone, attribute names, image size, normalization, thresholds) comes from the checkpoint.
+    python inference.py image.jpg --model model.onnx  # ONNX Runtime, no PyTorch needed (export.py writes it)
+
+Everything (backbone, attribute names, image size, normalization, thresholds) comes from the model file.
 """
 import argparse
 import json
 import os
 import sys
 
-import torch
+import numpy as np
 
-from data_loader import make_loader
-from dataset import ImageDataset, eval_transform, list_images, load_image
-from model import folded_forward, load_checkpoint, model_from_checkpoint
+# Nothing here imports torch: an .onnx model runs on ONNX Runtime alone (requirements-inference.txt); the
+# PyTorch path imports it inside its functions.
+from images import list_images, load_image, to_array
+from onnx_model import OnnxModel, is_onnx
 from utils import (UserError, add_runtime_flags, check_batch_size, keep_freed_memory, pick_device, resolve_workers,
                    run_cli)
 
@@ -28,7 +31,8 @@ KEEP_FREED_MEMORY = True  # see train.py
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Predict image attributes with a trained model.")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--model", default="model.pth", help="checkpoint written by train.py")
+    p.add_argument("--model", default="model.pth",
+                   help="checkpoint written by train.py, or an .onnx file written by export.py")
     p.add_argument("--threshold", type=float, help="one threshold for every attribute (default: the tuned ones)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     add_runtime_flags(p, batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, keep_freed=KEEP_FREED_MEMORY)
@@ -45,6 +49,12 @@ def expand(inputs):
 
 def predict(model, paths, transform, device, batch_size, num_workers):
     """Yield (path, probabilities list or None, error or None) in input order."""
+    import torch
+
+    from data_loader import make_loader
+    from dataset import ImageDataset
+    from model import folded_forward
+
     if len(paths) == 1:  # one image: no worker processes to start
         try:
             x = transform(load_image(paths[0])).unsqueeze(0)
@@ -67,23 +77,56 @@ def predict(model, paths, transform, device, batch_size, num_workers):
                 yield paths[i], probabilities.get(i), messages.get(i)
 
 
-def run(args):
-    check_batch_size(args)
+def predict_onnx(model, paths, batch_size):
+    """As predict(), on ONNX Runtime: images decoded in this process, batch_size at a time."""
+    size, mean, std = (model.facts[k] for k in ("image_size", "mean", "std"))
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        arrays, errors = {}, {}
+        for i, path in enumerate(chunk):
+            try:
+                arrays[i] = to_array(load_image(path), size, mean, std)
+            except UserError as e:
+                errors[i] = str(e)
+        probabilities = dict(zip(arrays, model(np.stack(list(arrays.values()))).tolist())) if arrays else {}
+        for i, path in enumerate(chunk):
+            yield path, probabilities.get(i), errors.get(i)
+
+
+def load_torch(args):
+    """The checkpoint's facts and a function paths -> predict(...) on PyTorch."""
+    import torch
+
+    from dataset import eval_transform
+    from model import load_checkpoint, model_from_checkpoint
+
     ckpt = load_checkpoint(args.model)
     device = pick_device(args.device)
     if args.keep_freed_memory:
         keep_freed_memory(device)
     model = model_from_checkpoint(ckpt, args.model).to(device).to(memory_format=torch.channels_last)
-    attributes = ckpt["attributes"]
-    thresholds = [args.threshold] * len(attributes) if args.threshold is not None else ckpt["thresholds"]
     transform = eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"])
+    workers = resolve_workers(args.num_workers, device)
+    return ckpt, lambda paths: predict(model, paths, transform, device, args.batch_size, workers)
+
+
+def load_onnx(args):
+    """The same for an .onnx file (--num-workers and --keep-freed-memory do not apply to it)."""
+    model = OnnxModel(args.model, device=args.device)
+    return model.facts, lambda paths: predict_onnx(model, paths, args.batch_size)
+
+
+def run(args):
+    check_batch_size(args)
+    facts, predictor = (load_onnx if is_onnx(args.model) else load_torch)(args)
+    attributes = facts["attributes"]
+    thresholds = [args.threshold] * len(attributes) if args.threshold is not None else facts["thresholds"]
     paths = expand(args.images)
     if not paths:
         raise UserError(f"no images found in {', '.join(args.images)}")
     single = len(paths) == 1 and not os.path.isdir(args.images[0])
     failures = 0
-    workers = resolve_workers(args.num_workers, device)
-    for path, probabilities, error in predict(model, paths, transform, device, args.batch_size, workers):
+    for path, probabilities, error in predictor(paths):
         if error is not None:
             failures += 1
             print(f"error: {error}", file=sys.stderr)
