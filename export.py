@@ -3,12 +3,15 @@
     python export.py model.pth                          # writes model.onnx beside it
     python export.py model.pth --out deploy/m.onnx --opset 17
     python export.py model.pth --images photos/         # compare on your own images (default: the first 8 of images/)
+    python export.py model.pth --int8                   # also model.int8.onnx, quantized (faster, less exact)
 
 The graph is the whole classifier: (N, 3, S, S) float32 images, normalized as in training, in (N is free); two
 outputs, `probabilities` (the sigmoid is inside the graph) and `logits`. The checkpoint's facts (attributes,
 thresholds, image size, mean/std, backbone, the sha256 of the .pth) go into the file's metadata (onnx_model.py
 reads them back). Before the file appears, onnx.checker checks it and ONNX Runtime's probabilities are compared
 with PyTorch's on sample images: a difference above TOLERANCE is an error and no file is left.
+--int8 adds a statically quantized copy (onnxruntime.quantization, calibrated on the first CALIBRATION_IMAGES of
+--images): its difference from the float model is printed, not held to TOLERANCE; measure it with evaluate.py.
 """
 import argparse
 import hashlib
@@ -29,6 +32,7 @@ from utils import UserError, atomic_write, check_writable, run_cli
 OPSET = 17  # ONNX opset of the graph; ONNX Runtime 1.16 and later run it
 TOLERANCE = 1e-4  # largest allowed |ONNX Runtime - PyTorch| of any probability on the sample images
 CHECK_IMAGES = 8  # sample images compared
+CALIBRATION_IMAGES = 64  # --int8: images whose activations set the int8 ranges
 
 
 def parse_args(argv=None):
@@ -39,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--images", default="images", help="folder whose first images check the export (generated "
                                                        "pictures if it has none)")
     p.add_argument("--check-images", type=int, default=CHECK_IMAGES, help="how many images to compare")
+    p.add_argument("--int8", action="store_true", help="also write OUT.int8.onnx, quantized to int8 (static, QDQ)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -127,6 +132,35 @@ def compare(model, path, names, x, out):
     return max(worst, single)
 
 
+def quantize(source, out, x):
+    """Static int8 quantization (QDQ, per-channel weights) of the float model at source, its activation ranges
+    calibrated on x; written to out (the metadata is kept). Returns its largest probability difference on x."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            self.rows = iter(range(len(x)))
+
+        def get_next(self):
+            i = next(self.rows, None)
+            return None if i is None else {INPUT: x[i:i + 1]}
+
+    result = {}
+
+    def write(tmp):
+        with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = os.path.join(folder, "prepared.onnx")
+            quant_pre_process(source, prepared)  # shapes inferred and the graph optimized first, as ORT advises
+            quantize_static(prepared, tmp, Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        result["diff"] = float(np.abs(OnnxModel(tmp, device="cpu")(x) - OnnxModel(source, device="cpu")(x)).max())
+
+    atomic_write(out, write)
+    return result["diff"]
+
+
 def run(args):
     out = args.out or os.path.splitext(args.checkpoint)[0] + ".onnx"
     if args.check_images < 1:
@@ -147,6 +181,12 @@ def run(args):
     print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB): {ckpt['backbone']} {ckpt['image_size']}px, "
           f"{len(ckpt['attributes'])} attributes, opset {args.opset}; ONNX Runtime vs PyTorch on {len(names)} "
           f"images: largest probability difference {result['diff']:.1e}")
+    if args.int8:
+        int8 = os.path.splitext(out)[0] + ".int8.onnx"
+        _, calibration = sample_images(args.images, max(CALIBRATION_IMAGES, args.check_images), ckpt)
+        diff = quantize(out, int8, calibration)
+        print(f"wrote {int8} ({os.path.getsize(int8) / 1e6:.1f} MB): int8, calibrated on {len(calibration)} images; "
+              f"largest probability difference from {out} on them {diff:.1e} (check its metrics with evaluate.py)")
     return 0
 
 

@@ -89,3 +89,19 @@ def test_bad_checkpoint_is_one_error_line(tmp_path):
     rc, _, stderr = call([bad])
     assert rc == 2 and stderr.startswith(f"error: {bad}: ") and len(stderr.splitlines()) == 1
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_int8_copy_is_quantized_and_keeps_the_metadata(tmp_path, monkeypatch):
+    pth = write_checkpoint(tmp_path / "m.pth", "efficientnet_lite0", image_size=32)
+    monkeypatch.setattr(export, "CALIBRATION_IMAGES", 4)
+    rc, stdout, stderr = call([pth, "--int8", "--check-images", "2", "--images", tmp_path / "none"])
+    assert rc == 0, stderr
+    assert f"wrote {tmp_path / 'm.int8.onnx'} " in stdout and "calibrated on 4 images" in stdout
+    graph = onnx.load(str(tmp_path / "m.int8.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node)
+    assert os.path.getsize(tmp_path / "m.int8.onnx") < 0.5 * os.path.getsize(tmp_path / "m.onnx")
+    exact, int8 = OnnxModel(str(tmp_path / "m.onnx"), "cpu"), OnnxModel(str(tmp_path / "m.int8.onnx"), "cpu")
+    assert int8.facts == exact.facts
+    _, x = export.sample_images(str(tmp_path / "none"), 4, exact.facts)
+    assert 0 < np.abs(int8(x) - exact(x)).max() < 0.2
+    assert sorted(os.listdir(tmp_path)) == ["m.int8.onnx", "m.onnx", "m.pth"]
