@@ -95,7 +95,11 @@ def predict_onnx(model, paths, batch_size):
 
 def load_torch(args):
     """The checkpoint's facts and a function paths -> predict(...) on PyTorch."""
-    import torch
+    try:
+        import torch
+    except ImportError:  # a deployment environment (requirements-inference.txt) given a .pth
+        raise UserError(f"{args.model}: a PyTorch checkpoint needs torch (pip install -r requirements.txt); "
+                        f"or export it with `python export.py {args.model}` and give the .onnx") from None
 
     from dataset import eval_transform
     from model import load_checkpoint, model_from_checkpoint

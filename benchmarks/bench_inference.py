@@ -10,7 +10,7 @@ Rows of the table:
   folder             python inference.py FOLDER --model M   (--folder-n images; images / wall, start-up included)
   ONNX rows          the same on ONNX Runtime, the checkpoint exported by export.py (`--model model.onnx`, no
                      PyTorch imported; the target is one image <= 0.5x bare import); its folder loop is
-                     inference.predict_onnx
+                     inference.predict_onnx; the int8 row is export.py --int8's copy in the same loop
   folder loop        inference.predict over the same images in this process, the loop inference.py runs once the
                      model is loaded (DataLoader workers, BatchNorm folding, every batch): the folder throughput, measured
                      like train.py's extraction rate; this process keeps freed memory from here on, as inference.py does
@@ -136,7 +136,7 @@ def predict_onnx_rate(onnx_path, paths, args):
 def export_onnx(model_path, folder, out):
     log = io.StringIO()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        rc = export.main([model_path, "--out", out, "--images", folder, "--check-images", "4"])
+        rc = export.main([model_path, "--out", out, "--images", folder, "--check-images", "4", "--int8"])
     if rc != 0:
         raise SystemExit(f"export.py failed: {log.getvalue()}")
 
@@ -219,6 +219,8 @@ def main(argv=None):
             print(f"    | {workers} workers: {rates[workers]:.2f} images/s", flush=True)
         onnx_rate = predict_onnx_rate(onnx_path, paths, args)
         print(f"    | ONNX Runtime, predict_onnx: {onnx_rate:.2f} images/s", flush=True)
+        int8_rate = predict_onnx_rate(onnx_path.replace(".onnx", ".int8.onnx"), paths, args)
+        print(f"    | ONNX Runtime, int8 (export.py --int8): {int8_rate:.2f} images/s", flush=True)
 
         print("ceiling, freed memory kept ...", flush=True)
         ceiling_3, _ = forward_ceiling(args.batch_size, image_size, backbone, args.ceiling_seconds)
@@ -244,6 +246,8 @@ def main(argv=None):
          fmt(onnx_folder_s, ".2f"), fmt(len(paths) / onnx_folder_s, ".2f"), "-", pct(len(paths) / onnx_folder_s)],
         [f"ONNX folder loop: predict_onnx() in process, batch {args.batch_size}", fmt(len(paths) / onnx_rate, ".2f"),
          fmt(onnx_rate, ".2f"), "-", pct(onnx_rate)],
+        [f"ONNX int8 folder loop (export.py --int8): predict_onnx(), batch {args.batch_size}",
+         fmt(len(paths) / int8_rate, ".2f"), fmt(int8_rate, ".2f"), "-", pct(int8_rate)],
     ]
     for workers, rate in rates.items():
         rows.append([f"folder loop: predict() in process, {workers} workers, batch {args.batch_size}",
@@ -284,7 +288,7 @@ def main(argv=None):
     print(f"  info  the whole `python inference.py FOLDER` of {len(paths)} images, start-up included: "
           f"{pct(folder_rate)}")
     print(f"  info  folder throughput, ONNX Runtime / PyTorch: the loop {onnx_rate / steady:.2f}x, the whole command "
-          f"{folder_s / onnx_folder_s:.2f}x")
+          f"{folder_s / onnx_folder_s:.2f}x; int8 / float ONNX loop {int8_rate / onnx_rate:.2f}x")
     print(f"\ntotal benchmark time {time.perf_counter() - total_started:.0f}s; load avg at the end {load_average()}")
     return 0
 

@@ -92,6 +92,21 @@ def test_inference_with_onnx_imports_neither_torch_nor_torchvision(models):
     assert verdict == "0 False False"
 
 
+BLOCK_TORCH = "import sys; sys.modules['torch'] = sys.modules['torchvision'] = None; "  # as if not installed
+
+
+def test_inference_with_onnx_runs_where_torch_cannot_be_imported(models):
+    code = BLOCK_TORCH + "import inference; sys.exit(inference.main(sys.argv[1:]))"
+    image = os.path.join(models["images"], "img_0004.jpg")
+    done = subprocess.run([sys.executable, "-c", code, image, "--model", models["onnx"]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("Attributes present: ["), done.stderr
+    done = subprocess.run([sys.executable, "-c", code, image, "--model", models["pth"]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"error: {models['pth']}: a PyTorch checkpoint needs torch")
+
+
 def test_evaluate_gives_the_same_metrics(models):
     argv = ["--labels", models["labels"], "--images", models["images"], "--json", "--num-workers", "0",
             "--device", "cpu"]
