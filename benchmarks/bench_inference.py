@@ -260,7 +260,7 @@ def main(argv=None):
     print(f"setup     checkpoint {backbone} {image_size}px ({size_mb:.0f} MB), {args.runs} start-up runs each (median), "
           f"folder batch {args.batch_size}, {args.num_workers} workers")
     print(table(["what", "wall s", "images/s", "vs bare import", "% ceiling"], rows))
-    print("% ceiling: of the highest ceiling. The folder row includes process start-up (imports, checkpoint); the "
+    print("% ceiling: of the highest (PyTorch) ceiling. The folder row includes process start-up (imports, checkpoint); the "
           "folder loop rows do not.")
     print("\nwhere `python inference.py one.jpg` spends its time (one fresh process)")
     print(table(["stage", "seconds"], [[k, fmt(v, ".3f")] for k, v in stages.items()] +
