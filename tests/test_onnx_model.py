@@ -199,3 +199,11 @@ def test_the_onnx_forward_takes_channels_last_batches(models):
     x = torch.randn(2, 3, 64, 64)
     strided = x.contiguous(memory_format=torch.channels_last).numpy()  # not C-contiguous
     np.testing.assert_array_equal(model(strided), model(x.numpy()))
+
+
+def test_no_custom_operator_library_is_ever_registered():
+    import glob
+
+    for path in glob.glob(os.path.join(ROOT, "*.py")):
+        with open(path) as f:
+            assert "register_custom_ops_library" not in f.read(), path
