@@ -48,7 +48,7 @@ def test_metadata_holds_the_checkpoint_facts(tmp_path):
     meta = {p.key: json.loads(p.value) for p in graph.metadata_props}
     assert meta == {"format": ONNX_FORMAT, "backbone": "mobilenet_v3_large",
                     "attributes": ["Attr1", "Attr2", "Attr3", "Attr4"], "thresholds": [0.5, 0.45, 0.55, 0.5],
-                    "image_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "epoch": 1,
+                    "image_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "epoch": 1, "tta": False,
                     "source": "m.pth", "source_sha256": hashlib.sha256(open(pth, "rb").read()).hexdigest()}
     assert graph.opset_import[0].version == 18
     assert [i.name for i in graph.graph.input] == ["images"]

@@ -207,3 +207,21 @@ def test_no_custom_operator_library_is_ever_registered():
     for path in glob.glob(os.path.join(ROOT, "*.py")):
         with open(path) as f:
             assert "register_custom_ops_library" not in f.read(), path
+
+
+def test_flip_tta_gives_the_same_probabilities_on_both_runtimes_and_differs_from_none(models, tmp_path):
+    # A checkpoint validated with --tta: both paths average the image's and its mirror's probabilities.
+    ckpt = torch.load(models["pth"], weights_only=True)
+    ckpt["tta"] = True
+    pth = str(tmp_path / "tta.pth")
+    torch.save(ckpt, pth)
+    assert call(export, [pth, "--images", models["images"], "--check-images", "2"])[0] == 0
+    paths = [os.path.join(models["images"], f"img_000{i}.jpg") for i in (1, 2, 3)]
+    runs = {}
+    for name, extra in (("pth", []), ("onnx", []), ("plain", ["--no-tta"])):
+        model = str(tmp_path / "tta.onnx") if name == "onnx" else pth
+        rc, out, _ = call(inference, [*paths, "--json", "--model", model, "--num-workers", "0", *extra])
+        assert rc == 0
+        runs[name] = np.array([list(json.loads(line)["probabilities"].values()) for line in out.splitlines()])
+    np.testing.assert_allclose(runs["pth"], runs["onnx"], atol=1e-5)
+    assert np.abs(runs["pth"] - runs["plain"]).max() > 1e-3  # the mirror changed something: TTA was applied
