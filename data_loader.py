@@ -114,7 +114,7 @@ def refine(labels, part, rng, rounds=200, sample=128):
     return part
 
 
-def make_loader(dataset, batch_size, shuffle, num_workers, seed=0, device=None):
+def make_loader(dataset, *, batch_size, shuffle, num_workers, seed=0, device=None):
     generator = torch.Generator()
     generator.manual_seed(seed)
     return torch.utils.data.DataLoader(
@@ -143,7 +143,8 @@ class ImageBatches:
     (path -> message) and left out of its batch."""
 
     def __init__(self, paths, index, targets, transform, *, batch_size, shuffle, num_workers, seed, device, report):
-        self.loader = make_loader(Subset(paths, index, transform), batch_size, shuffle, num_workers, seed, device)
+        self.loader = make_loader(Subset(paths, index, transform), batch_size=batch_size, shuffle=shuffle,
+                                  num_workers=num_workers, seed=seed, device=device)
         self.targets, self.seed, self.report = targets, seed, report
         self.failed = {}
         self.num_images = len(index)

@@ -71,8 +71,8 @@ def predict(model, paths, transform, *, device, batch_size, num_workers, tta=Fal
         return
     forward = folded_forward(model)
     forward = flip_tta(forward, features=False) if tta else forward
-    loader = make_loader(ImageDataset(paths, None, transform), batch_size, False,
-                         min(num_workers, len(paths) // batch_size + 1), device=device)
+    loader = make_loader(ImageDataset(paths, None, transform), batch_size=batch_size, shuffle=False,
+                         num_workers=min(num_workers, len(paths) // batch_size + 1), device=device)
     with torch.inference_mode():
         for indices, images, errors in loader:
             probabilities = {}
