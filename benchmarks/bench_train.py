@@ -192,7 +192,7 @@ def project_path(labels, images, args, folder, cache_dir, extra=()):
             "--curve", os.path.join(folder, "loss_curve.png"), "--weights", args.weights, "--backbone", args.backbone,
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--image-size",
             str(args.image_size), "--num-workers", str(args.num_workers), "--seed", str(args.seed),
-            "--cache-dir", cache_dir, "--patience", "0", *extra]
+            "--cache-dir", cache_dir, "--patience", "0", "--folds", "0", "--no-report", *extra]
     timers = Timers()
     timers.wrap(train, "load_dataset", "data")
     timers.wrap(train, "split_indices", "data")
