@@ -165,7 +165,7 @@ def write_audit_csv(path, rows):
     atomic_write(path, write)
 
 
-def write_suggested(path, table, targets, probabilities, confident, source):
+def write_suggested(path, table, targets, probabilities, *, confident, source):
     filled = suggested_targets(targets, probabilities, confident)
     count = int((np.asarray(targets) < 0).sum() - (filled < 0).sum())
     comment = (f"# {os.path.basename(source)} with {count} NA cells filled by audit.py: 1 where the out-of-fold "
@@ -214,7 +214,8 @@ def run(args):
                                 lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size)
     rows = audit_rows(table.names, table.attributes, targets, probabilities, label_quality(probabilities, targets))
     write_audit_csv(outputs["csv"], rows)
-    filled = write_suggested(outputs["labels"], table, targets, probabilities, args.confident, args.labels)
+    filled = write_suggested(outputs["labels"], table, targets, probabilities, confident=args.confident,
+                             source=args.labels)
     log(f"wrote {outputs['csv']} ({len(rows)} cells, the most suspect first) and {outputs['labels']} "
         f"({filled} of {int((targets < 0).sum())} NA cells filled at probability {args.confident})")
     for r in rows[:10]:

@@ -115,7 +115,7 @@ def refine(labels, part, rng, rounds=200, sample=128):
     return part
 
 
-def make_loader(dataset, batch_size, shuffle, num_workers, seed=0, device=None, shard=None):
+def make_loader(dataset, *, batch_size, shuffle, num_workers, seed=0, device=None, shard=None):
     """shard (rank, world size): the batches of the one-process loader (same sampler, same generator, so the same
     order each epoch), each cut to this rank's share: the global batch stays batch_size (GlobalBatchShard)."""
     generator = torch.Generator()
@@ -169,7 +169,8 @@ class ImageBatches:
                  shard=False):
         """shard (under torchrun): this rank's share of each batch; train.evaluate gathers the shares."""
         self.sharded = shard
-        self.loader = make_loader(Subset(paths, index, transform), batch_size, shuffle, num_workers, seed, device,
+        self.loader = make_loader(Subset(paths, index, transform), batch_size=batch_size, shuffle=shuffle,
+                                  num_workers=num_workers, seed=seed, device=device,
                                   shard=(distributed.rank(), distributed.world_size()) if shard else None)
         self.targets, self.seed, self.report = targets, seed, report
         self.failed = {}

@@ -5,27 +5,18 @@ An optional header line names the attributes. NA becomes -1 in the target tensor
 is kept and only that cell is ignored by the loss and the metrics.
 """
 import os
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
 from torchvision import transforms
 
+from images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, list_images, load_image  # noqa: F401 (re-exported)
 from utils import Report, UserError, atomic_write
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NA = -1
-# A declared size above this is refused before decoding: a small file can claim gigapixels
-# (a decompression bomb). PIL's own default limit, made a hard error instead of a warning.
-MAX_IMAGE_PIXELS = 89_478_485
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-# Truncated JPEGs must fail loudly, never decode into half-grey pictures.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 @dataclass
@@ -170,48 +161,6 @@ def format_counts(attributes, counts):
     return "\n".join(rows)
 
 
-def load_image(path, decode=True):
-    """Open any image file as an upright RGB PIL image; raises UserError naming the file.
-
-    decode=False only reads the header (cheap): it catches empty, non-image and oversized files,
-    not a truncated one."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise UserError(f"{path}: image declares {im.width}x{im.height} pixels, more than "
-                                    f"{MAX_IMAGE_PIXELS}; refused as a possible decompression bomb (resize it)")
-                if not decode:
-                    return None
-                im = ImageOps.exif_transpose(im)
-                im.load()
-                return _to_rgb(im)
-    except UserError:
-        raise
-    except FileNotFoundError:
-        raise UserError(f"{path}: image not found") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"{path}: image too large; refused as a possible decompression bomb (resize it)") from None
-    except Exception as e:  # PIL raises many types for broken files; every one is the file's fault
-        reason = "empty file" if os.path.exists(path) and os.path.getsize(path) == 0 else f"{type(e).__name__}: {e}"
-        raise UserError(f"{path}: cannot read image ({reason}); replace or remove the file") from None
-
-
-def _to_rgb(im):
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # High bit-depth greyscale: PIL's own convert clips at 255 and turns it white; scale instead.
-        a = np.asarray(im, dtype=np.float32)
-        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(a / top * 255.0, 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        # Transparent pixels become white, the usual background of product photos.
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, rgba)
-    return im.convert("RGB")
-
-
 def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The one preprocessing used for validation, evaluation and inference."""
     return transforms.Compose([
@@ -270,13 +219,6 @@ def collate(batch):
         return torch.empty(0, dtype=torch.long), None, errors
     indices = torch.tensor([i for i, _ in good])
     return indices, torch.stack([x for _, x in good]), errors
-
-
-def list_images(folder):
-    found = []
-    for root, _, files in os.walk(folder):
-        found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(found)
 
 
 def load_dataset(labels_path, images_dir, report):

@@ -2,6 +2,7 @@
 
     python evaluate.py --labels val_labels.txt --images images --model model.pth
     python evaluate.py --labels test.txt --images test_images --json
+    python evaluate.py --labels test.txt --images test_images --model model.onnx   # an export.py model, on ONNX Runtime
 
 On val_labels.txt (written by train.py) it reproduces the validation table train.py printed: the scores come
 from the same evaluate() train.py validates with.
@@ -11,6 +12,7 @@ import json
 import sys
 
 import numpy as np
+import torch
 
 import distributed
 from data_loader import ImageBatches
@@ -18,6 +20,7 @@ from dataset import eval_transform, load_dataset
 from inference import KEEP_FREED_MEMORY, NUM_WORKERS
 from metrics import attribute_metrics, format_table, to_json
 from model import flip_tta, folded_forward, load_checkpoint, model_from_checkpoint
+from onnx_model import OnnxModel, is_onnx
 from train import evaluate
 from utils import (Report, UserError, add_runtime_flags, check_batch_size, keep_freed_memory, pick_device,
                    resolve_workers)
@@ -27,7 +30,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a trained model on a labelled set.")
     p.add_argument("--labels", required=True, help="labels file (same format as for training)")
     p.add_argument("--images", required=True, help="images folder")
-    p.add_argument("--model", default="model.pth", help="checkpoint written by train.py")
+    p.add_argument("--model", default="model.pth", help="checkpoint written by train.py, or .onnx from export.py")
     p.add_argument("--threshold", type=float, help="one threshold for every attribute (default: the tuned ones)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--no-tta", action="store_true", help="skip the flip test-time augmentation (see inference.py)")
@@ -36,28 +39,37 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def load(args):
+    """(the checkpoint's facts, forward: normalized image batch -> logits, device of the batches)."""
+    if is_onnx(args.model):  # ONNX Runtime: the graph's logits output, so evaluate() applies the same sigmoid
+        net = OnnxModel(args.model, device=args.device)
+        forward, facts, device = (lambda x: torch.from_numpy(net.logits(x.numpy()))), net.facts, torch.device("cpu")
+    else:
+        facts = load_checkpoint(args.model)
+        device = distributed.local_device(pick_device(args.device))
+        if args.keep_freed_memory:
+            keep_freed_memory(device)
+        forward = folded_forward(model_from_checkpoint(facts, args.model).to(device))
+    if facts.get("tta", False) and not args.no_tta:
+        forward = flip_tta(forward, features=False)
+    return facts, forward, device
+
+
 def run(args):
     check_batch_size(args)
-    ckpt = load_checkpoint(args.model)
+    ckpt, forward, device = load(args)
     attributes = ckpt["attributes"]
     report = Report(strict=args.strict)
     table, paths, targets = load_dataset(args.labels, args.images, report)
     if len(table.attributes) != len(attributes):
         raise UserError(f"{args.labels}: {len(table.attributes)} attributes, but {args.model} predicts "
                         f"{len(attributes)} ({', '.join(attributes)})")
-    device = distributed.local_device(pick_device(args.device))
-    if args.keep_freed_memory:
-        keep_freed_memory(device)
-    model = model_from_checkpoint(ckpt, args.model).to(device)
     thresholds = [args.threshold] * len(attributes) if args.threshold is not None else ckpt["thresholds"]
     batches = ImageBatches(paths, np.arange(len(paths)), targets,
                            eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"]),
                            batch_size=args.batch_size, shuffle=False,
                            num_workers=resolve_workers(args.num_workers, device), seed=0, device=device,
                            report=report, shard=distributed.active())  # train.evaluate gathers the shares
-    forward = folded_forward(model)
-    if ckpt.get("tta", False) and not args.no_tta:
-        forward = flip_tta(forward, features=False)
     scores, index, _ = evaluate(forward, batches, device=device)
     if not len(index):
         raise UserError(f"{args.labels}: no image could be read")

@@ -53,7 +53,7 @@ CACHE_HINT = "give another --cache-dir or use --no-cache"
 DATA_NAME = re.compile(r"features-[0-9a-f]{16}\.f32")  # what an index may name: no other path, no folder
 
 
-def fingerprint(model, backbone_name, image_size, mean, std, amp):
+def fingerprint(model, *, backbone_name, image_size, mean, std, amp):
     h = hashlib.sha1(json.dumps([CACHE_VERSION, backbone_name, image_size, list(mean), list(std), bool(amp)]).encode())
     for key, value in sorted(model.backbone.state_dict().items()):
         h.update(key.encode())
@@ -279,10 +279,10 @@ class FeatureStore:
         return np.memmap(self.data_path, dtype=np.float32, mode="r", shape=(n, 2, self.dim))
 
 
-def extract(model, paths, image_size, mean, std, batch_size, num_workers, device, amp, views=(0, 1)):
+def extract(model, paths, *, image_size, mean, std, batch_size, num_workers, device, amp, views=(0, 1)):
     """Yield (indices, features (b, len(views), D), errors) over paths: view 0 as is, view 1 mirrored."""
     dataset = ImageDataset(paths, None, eval_transform(image_size, mean, std))
-    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, device=device)
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
     model.eval()  # the backbone's BatchNorm must use, never update, its running statistics
     backbone = fold_batchnorm(model.backbone).to(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -299,17 +299,17 @@ def extract(model, paths, image_size, mean, std, batch_size, num_workers, device
             yield indices.numpy(), f, errors
 
 
-def shared_extract(model, paths, *args, **kwargs):
+def shared_extract(model, paths, **settings):
     """extract() over every rank's share of paths, in step: rank 0 yields each round's batches of all ranks
     (indices into paths), the other ranks yield nothing. One process: extract() itself. A rank's share is every
     world_size-th batch of the one-process run, from its rank-th, so each batch holds the same images as there
     (and its features are bitwise the same on the same device)."""
     if not distributed.active():
-        yield from extract(model, paths, *args, **kwargs)
+        yield from extract(model, paths, **settings)
         return
-    batches, rounds = distributed.shard_batches(len(paths), args[3])
+    batches, rounds = distributed.shard_batches(len(paths), settings["batch_size"])
     mine = np.concatenate(batches + [np.zeros(0, dtype=np.int64)])
-    batches = extract(model, [paths[i] for i in mine], *args, **kwargs)
+    batches = extract(model, [paths[i] for i in mine], **settings)
     for _ in range(rounds):
         indices, features, errors = next(batches, (np.zeros(0, dtype=np.int64), None, []))
         piece = (mine[indices], features, [(int(mine[i]), message) for i, message in errors])
@@ -356,7 +356,8 @@ def cached_features(model, paths, *, backbone, image_size, mean, std, cache_dir,
     dim = model.feature_dim
     mirror = np.ones(len(paths), dtype=bool) if mirror is None else np.asarray(mirror, dtype=bool)
     temporary = tempfile.mkdtemp(prefix="features-") if cache_dir is None else None
-    folder = temporary or os.path.join(cache_dir, fingerprint(model, backbone, image_size, mean, std, amp))
+    folder = temporary or os.path.join(cache_dir, fingerprint(model, backbone_name=backbone, image_size=image_size,
+                                                                     mean=mean, std=std, amp=amp))
     # Under torchrun only rank 0 opens the store (reads, writes, locks it): the other ranks extract their share and
     # send it to rank 0 through the process group, so no lock and no file is shared between processes.
     store = FeatureStore(folder, dim, warn=warn) if distributed.is_main() else None
@@ -382,30 +383,10 @@ def cached_features(model, paths, *, backbone, image_size, mean, std, cache_dir,
         if forwards:
             log(f"extracting {backbone} features: {forwards} forwards "
                 f"({len(jobs[0][0])} images x 2 views, {len(jobs[1][0])} x 1, {len(jobs[2][0])} mirror only)")
-            started, last_index_write = time.time(), time.time()
-            bar = Progress(sum(len(todo) for todo, _, _ in jobs), "extract")
-            for todo, views, store_fn in jobs:
-                if not len(todo) or should_stop():
-                    continue
-                for indices, features, errors in shared_extract(model, [paths[i] for i in todo], image_size, mean,
-                                                                std, batch_size, num_workers, device, amp, views):
-                    for i, message in errors:
-                        ok[todo[i]] = False
-                        report.warn("unreadable image", f"{message}; skipped")
-                    if features is not None:
-                        batch_keys = [keys[todo[i]] for i in indices]
-                        if store_fn is None:
-                            store.add_mirror(batch_keys, features[:, 0], write_index=False)
-                        else:
-                            rows[todo[indices]] = store_fn(batch_keys, features, write_index=False)
-                    if time.time() - last_index_write > 30:  # an interrupted extraction keeps what it did
-                        store.write_index()
-                        last_index_write = time.time()
-                    bar(len(indices) + len(errors))
-                    if should_stop():
-                        break
-            if store:
-                store.write_index()
+            started = time.time()
+            _extract_into(store, jobs, model=model, paths=paths, keys=keys, rows=rows, ok=ok, report=report,
+                          should_stop=should_stop, image_size=image_size, mean=mean, std=std, batch_size=batch_size,
+                          num_workers=num_workers, device=device, amp=amp)
             elapsed = time.time() - started
             log(f"extracted in {elapsed:.1f}s ({forwards / max(elapsed, 1e-9):.1f} forwards/s)")
         if distributed.active():
@@ -420,3 +401,32 @@ def cached_features(model, paths, *, backbone, image_size, mean, std, cache_dir,
             store.close()
         if temporary:
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _extract_into(store, jobs, *, model, paths, keys, rows, ok, report, should_stop, **settings):
+    """Run the extraction jobs (indices into paths, views, store function), storing every batch as it comes and
+    the index every 30 s, so an interrupted extraction keeps what it did. Fills rows and ok in place."""
+    last_index_write = time.time()
+    bar = Progress(sum(len(todo) for todo, _, _ in jobs), "extract")
+    for todo, views, store_fn in jobs:
+        if not len(todo) or should_stop():
+            continue
+        for indices, features, errors in shared_extract(model, [paths[i] for i in todo], views=views, **settings):
+            for i, message in errors:
+                ok[todo[i]] = False
+                report.warn("unreadable image", f"{message}; skipped")
+            if features is not None:
+                batch_keys = [keys[todo[i]] for i in indices]
+                if store_fn is None:
+                    store.add_mirror(batch_keys, features[:, 0], write_index=False)
+                else:
+                    rows[todo[indices]] = store_fn(batch_keys, features, write_index=False)
+            if time.time() - last_index_write > 30:
+                store.write_index()
+                last_index_write = time.time()
+            bar(len(indices) + len(errors))
+            if should_stop():
+                break
+    bar.close()
+    if store:  # rank 0's (distributed.py): the other ranks sent it their features
+        store.write_index()

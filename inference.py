@@ -4,9 +4,10 @@
     python inference.py a.jpg b.png photos/       # one line per image: path: Attributes present: [...]
     python inference.py image.jpg --json          # one JSON object per image, with probabilities
     python inference.py image.jpg --model runs/model.pth --threshold 0.4
-    python inference.py image.jpg --explain cams/  # also cams/image_cam.png: Grad-CAM of every attribute
 
-Everything (backbone, attribute names, image size, normalization, thresholds) comes from the checkpoint.
+    python inference.py image.jpg --model model.onnx  # ONNX Runtime, no PyTorch needed (export.py writes it)
+
+Everything (backbone, attribute names, image size, normalization, thresholds) comes from the model file.
 """
 import argparse
 import itertools
@@ -14,14 +15,14 @@ import json
 import os
 import sys
 
-import torch
+import numpy as np
 
-import distributed
-from data_loader import make_loader
-from dataset import ImageDataset, eval_transform, list_images, load_image
-from model import flip_tta, folded_forward, load_checkpoint, model_from_checkpoint
+# Nothing here imports torch: an .onnx model runs on ONNX Runtime alone (requirements-inference.txt); the
+# PyTorch path imports it inside its functions.
+from images import list_images, load_image, to_array
+from onnx_model import OnnxModel, is_onnx
 from utils import (UserError, add_runtime_flags, check_batch_size, check_writable, keep_freed_memory, pick_device,
-                   resolve_workers)
+                   resolve_workers, run_cli)
 
 BATCH_SIZE = 32
 NUM_WORKERS = "auto"  # DataLoader workers for several images; auto: 2, or 0 on a CPU with 2 cores or fewer
@@ -31,7 +32,8 @@ KEEP_FREED_MEMORY = True  # see train.py
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Predict image attributes with a trained model.")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--model", default="model.pth", help="checkpoint written by train.py")
+    p.add_argument("--model", default="model.pth",
+                   help="checkpoint written by train.py, or an .onnx file written by export.py")
     p.add_argument("--threshold", type=float, help="one threshold for every attribute (default: the tuned ones)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--no-tta", action="store_true",
@@ -52,21 +54,26 @@ def expand(inputs):
 def predict(model, paths, transform, *, device, batch_size, num_workers, tta=False):
     """Yield (path, probabilities list or None, error or None) in input order. tta: the mean of the image's and its
     mirror's probabilities, as the model was validated."""
+    import torch
+
+    from data_loader import make_loader
+    from dataset import ImageDataset
+    from model import flip_tta, folded_forward
+
     if len(paths) == 1:  # one image: no worker processes to start, no BatchNorm folding to pay for
         try:
             x = transform(load_image(paths[0])).unsqueeze(0)
         except UserError as e:
             yield paths[0], None, str(e)
             return
-        forward = model.eval()
-        forward = flip_tta(forward, features=False) if tta else forward
+        forward = flip_tta(model.eval(), features=False) if tta else model.eval()
         with torch.inference_mode():
             yield paths[0], torch.sigmoid(forward(x.to(device).contiguous(memory_format=torch.channels_last)))[0].tolist(), None
         return
     forward = folded_forward(model)
     forward = flip_tta(forward, features=False) if tta else forward
-    loader = make_loader(ImageDataset(paths, None, transform), batch_size, False,
-                         min(num_workers, len(paths) // batch_size + 1), device=device)
+    loader = make_loader(ImageDataset(paths, None, transform), batch_size=batch_size, shuffle=False,
+                         num_workers=min(num_workers, len(paths) // batch_size + 1), device=device)
     with torch.inference_mode():
         for indices, images, errors in loader:
             probabilities = {}
@@ -77,45 +84,108 @@ def predict(model, paths, transform, *, device, batch_size, num_workers, tta=Fal
                 yield paths[i], probabilities.get(i), messages.get(i)
 
 
-def shared_predict(model, paths, transform, *, batch_size, **kwargs):
-    """predict() under torchrun: each rank predicts every world_size-th batch; every rank yields all the results,
-    round by round, in input order. One process: predict() itself."""
-    if not distributed.active():
-        yield from predict(model, paths, transform, batch_size=batch_size, **kwargs)
-        return
-    batches, rounds = distributed.shard_batches(len(paths), batch_size)
-    mine = [paths[i] for batch in batches for i in batch]
-    results = predict(model, mine, transform, batch_size=batch_size, **kwargs)
-    for r in range(rounds):
-        size = len(batches[r]) if r < len(batches) else 0
-        for part in distributed.all_gather(list(itertools.islice(results, size))):
-            yield from part
+def predict_onnx(model, paths, batch_size, tta=False):
+    """As predict(), on ONNX Runtime: images decoded in this process, batch_size at a time."""
+    size, mean, std = (model.facts[k] for k in ("image_size", "mean", "std"))
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        arrays, errors = {}, {}
+        for i, path in enumerate(chunk):
+            try:
+                arrays[i] = to_array(load_image(path), size, mean, std)
+            except UserError as e:
+                errors[i] = str(e)
+        if arrays:
+            x = np.stack(list(arrays.values()))
+            p = (model(x) + model(np.ascontiguousarray(x[..., ::-1]))) / 2 if tta else model(x)
+            probabilities = dict(zip(arrays, p.tolist()))
+        else:
+            probabilities = {}
+        for i, path in enumerate(chunk):
+            yield path, probabilities.get(i), errors.get(i)
 
 
-def run(args):
-    check_batch_size(args)
-    if args.explain and args.model.endswith(".onnx"):
-        raise UserError(f"{args.model}: --explain needs the PyTorch model (.pth); Grad-CAM takes gradients, which "
-                        "an ONNX model does not give")
-    if args.explain:
-        check_writable([os.path.join(args.explain, "image_cam.png")])
+def load_torch(args):
+    """The checkpoint's facts, a function paths -> predict(...) on PyTorch, and one that writes an image's Grad-CAM
+    (--explain)."""
+    try:
+        import torch
+    except ImportError:  # a deployment environment (requirements-inference.txt) given a .pth
+        raise UserError(f"{args.model}: a PyTorch checkpoint needs torch (pip install -r requirements.txt); "
+                        f"or export it with `python export.py {args.model}` and give the .onnx") from None
+
+    from dataset import eval_transform
+    from model import load_checkpoint, model_from_checkpoint
+
+    import distributed
+
     ckpt = load_checkpoint(args.model)
     device = distributed.local_device(pick_device(args.device))
     if args.keep_freed_memory:
         keep_freed_memory(device)
     model = model_from_checkpoint(ckpt, args.model).to(device).to(memory_format=torch.channels_last)
-    attributes = ckpt["attributes"]
-    thresholds = [args.threshold] * len(attributes) if args.threshold is not None else ckpt["thresholds"]
     transform = eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"])
+    workers = resolve_workers(args.num_workers, device)
+    tta = ckpt.get("tta", False) and not args.no_tta
+
+    def explain(path, probabilities, thresholds):
+        from explain import write_explanation
+
+        out = write_explanation(model, path, probabilities, ckpt=ckpt, thresholds=thresholds, transform=transform,
+                                out_dir=args.explain)
+        print(f"wrote {out}", file=sys.stderr)
+
+    return ckpt, lambda paths: predict(model, paths, transform, device=device, batch_size=args.batch_size,
+                                       num_workers=workers, tta=tta), explain
+
+
+def load_onnx(args):
+    """The same for an .onnx file (--num-workers and --keep-freed-memory do not apply to it; no Grad-CAM)."""
+    model = OnnxModel(args.model, device=args.device)
+    tta = model.facts.get("tta", False) and not args.no_tta
+    return model.facts, lambda paths: predict_onnx(model, paths, args.batch_size, tta), None
+
+
+def torchrun():
+    """Started by torchrun with more than one process (distributed.py; torch is there then)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def shared(predictor, batch_size):
+    """predictor under torchrun: each rank predicts every world_size-th batch of paths; every rank yields all the
+    results, round by round (one batch per rank), in input order."""
+    import distributed
+
+    def predict_shared(paths):
+        batches, rounds = distributed.shard_batches(len(paths), batch_size)
+        results = predictor([paths[i] for batch in batches for i in batch])
+        for r in range(rounds):
+            mine = list(itertools.islice(results, len(batches[r]) if r < len(batches) else 0))
+            for part in distributed.all_gather(mine):
+                yield from part
+
+    return predict_shared
+
+
+def run(args):
+    check_batch_size(args)
+    if args.explain and is_onnx(args.model):
+        raise UserError(f"{args.model}: --explain needs the PyTorch model (.pth); Grad-CAM takes gradients, which "
+                        "an ONNX model does not give")
+    if args.explain:
+        check_writable([os.path.join(args.explain, "image_cam.png")])
+    facts, predictor, explain = (load_onnx if is_onnx(args.model) else load_torch)(args)
+    if torchrun():  # rank 0 prints every line; Grad-CAM too is rank 0's
+        predictor = shared(predictor, args.batch_size)
+        explain = explain if os.environ.get("RANK") == "0" else None
+    attributes = facts["attributes"]
+    thresholds = [args.threshold] * len(attributes) if args.threshold is not None else facts["thresholds"]
     paths = expand(args.images)
     if not paths:
         raise UserError(f"no images found in {', '.join(args.images)}")
     single = len(paths) == 1 and not os.path.isdir(args.images[0])
     failures = 0
-    workers = resolve_workers(args.num_workers, device)
-    tta = ckpt.get("tta", False) and not args.no_tta
-    for path, probabilities, error in shared_predict(model, paths, transform, device=device,
-                                                     batch_size=args.batch_size, num_workers=workers, tta=tta):
+    for path, probabilities, error in predictor(paths):
         if error is not None:
             failures += 1
             print(f"error: {error}", file=sys.stderr)
@@ -123,12 +193,8 @@ def run(args):
                 print(json.dumps({"image": path, "error": error}), flush=True)
             continue
         present = [a for a, p, t in zip(attributes, probabilities, thresholds) if p >= t]
-        if args.explain and distributed.is_main():
-            from explain import write_explanation
-
-            out = write_explanation(model, path, probabilities, ckpt=ckpt, thresholds=thresholds,
-                                    transform=transform, out_dir=args.explain)
-            print(f"wrote {out}", file=sys.stderr)
+        if args.explain and explain:
+            explain(path, probabilities, thresholds)
         if args.json:
             print(json.dumps({"image": path, "present": present,
                               "probabilities": {a: round(p, 6) for a, p in zip(attributes, probabilities)},
@@ -141,7 +207,11 @@ def run(args):
 
 
 def main(argv=None):
-    return distributed.launch(run, parse_args(argv))
+    if torchrun():
+        import distributed
+
+        return distributed.launch(run, parse_args(argv))
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

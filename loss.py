@@ -92,7 +92,8 @@ class MaskedAsymmetric(MaskedLoss):
         return p_m ** self.gamma_neg * log_q
 
 
-def make_loss(name, pos_weight, focal_gamma=2.0, focal_alpha=0.5, asl_gamma_neg=4.0, asl_gamma_pos=0.0, asl_clip=0.05):
+def make_loss(name, pos_weight, *, focal_gamma=2.0, focal_alpha=0.5, asl_gamma_neg=4.0, asl_gamma_pos=0.0,
+              asl_clip=0.05):
     if name == "bce":
         return MaskedBCE(pos_weight)
     if name == "focal":

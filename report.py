@@ -71,7 +71,7 @@ class Collected(Report):
 
 # ---- data and scores ----
 
-def features_of(model, ckpt, paths, args, device, report):
+def features_of(model, ckpt, paths, *, args, device, report):
     """View-0 features (n, D) of paths through train.py's cache (the same numbers training validated on) and
     the ok mask."""
     from feature_cache import cached_features
@@ -254,7 +254,7 @@ def make_report(args):
         if k != len(attributes):
             raise UserError(f"{path}: {k} attributes, but {args.model} predicts {len(attributes)}")
     union = list(dict.fromkeys(eval_paths + audit_paths))
-    features, ok = features_of(model, ckpt, union, args, device, report)
+    features, ok = features_of(model, ckpt, union, args=args, device=device, report=report)
     where = {p: i for i, p in enumerate(union)}
     e_ok = np.array([ok[where[p]] for p in eval_paths], dtype=bool)
     eval_paths, eval_y = [p for p, good in zip(eval_paths, e_ok) if good], eval_y[torch.as_tensor(e_ok)]

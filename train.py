@@ -275,8 +275,8 @@ def load_data(args, report, *, val_fraction):
 
 def make_loss_for(args, targets):
     """The run's loss with pos_weight = negatives / positives of these training rows."""
-    return make_loss(args.loss, pos_weights(targets)[0], args.focal_gamma, args.focal_alpha, args.asl_gamma_neg,
-                     args.asl_gamma_pos, args.asl_clip)
+    return make_loss(args.loss, pos_weights(targets)[0], focal_gamma=args.focal_gamma, focal_alpha=args.focal_alpha,
+                     asl_gamma_neg=args.asl_gamma_neg, asl_gamma_pos=args.asl_gamma_pos, asl_clip=args.asl_clip)
 
 
 def make_optimizer(head, args, backbone=None):

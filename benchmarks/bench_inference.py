@@ -8,6 +8,9 @@ Rows of the table:
   bare import        python -c "import torch, torchvision"  (median of --runs fresh processes)
   one image          python inference.py one.jpg --model M  (median of --runs; the target is <= 1.5x bare import)
   folder             python inference.py FOLDER --model M   (--folder-n images; images / wall, start-up included)
+  ONNX rows          the same on ONNX Runtime, the checkpoint exported by export.py (`--model model.onnx`, no
+                     PyTorch imported; the target is one image <= 0.5x bare import); its folder loop is
+                     inference.predict_onnx; the int8 row is export.py --int8's copy in the same loop
   folder loop        inference.predict over the same images in this process, the loop inference.py runs once the
                      model is loaded (DataLoader workers, BatchNorm folding, every batch): the folder throughput, measured
                      like train.py's extraction rate; this process keeps freed memory from here on, as inference.py does
@@ -30,7 +33,9 @@ from common import ROOT, fmt, forward_ceiling, load_average, machine_lines, make
 
 import torch  # noqa: E402
 
+import export  # noqa: E402
 import inference  # noqa: E402
+from onnx_model import OnnxModel  # noqa: E402
 from utils import keep_freed_memory, resolve_workers, workers_arg  # noqa: E402
 import train  # noqa: E402
 from dataset import eval_transform  # noqa: E402
@@ -43,7 +48,7 @@ t = [time.perf_counter()]
 import torch, torchvision
 t.append(time.perf_counter())
 import inference
-from dataset import load_image
+from dataset import eval_transform, load_image
 from model import load_checkpoint, model_from_checkpoint
 from utils import pick_device
 t.append(time.perf_counter())
@@ -51,7 +56,7 @@ ckpt = load_checkpoint(sys.argv[1])
 t.append(time.perf_counter())
 model = model_from_checkpoint(ckpt, sys.argv[1]).to(memory_format=torch.channels_last)
 t.append(time.perf_counter())
-x = inference.eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"])(load_image(sys.argv[2])).unsqueeze(0)
+x = eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"])(load_image(sys.argv[2])).unsqueeze(0)
 t.append(time.perf_counter())
 with torch.inference_mode():
     torch.sigmoid(model(x.contiguous(memory_format=torch.channels_last)))
@@ -120,6 +125,24 @@ def predict_rate(model_path, paths, args, workers):
     return len(paths) / elapsed
 
 
+def predict_onnx_rate(onnx_path, paths, args):
+    model = OnnxModel(onnx_path, device="cpu")
+    list(inference.predict_onnx(model, paths[:args.batch_size], args.batch_size))  # warm-up
+    started = time.perf_counter()
+    results = list(inference.predict_onnx(model, paths, args.batch_size))
+    elapsed = time.perf_counter() - started
+    assert len(results) == len(paths) and all(e is None for _, _, e in results)
+    return len(paths) / elapsed
+
+
+def export_onnx(model_path, folder, out):
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        rc = export.main([model_path, "--out", out, "--images", folder, "--check-images", "4", "--int8"])
+    if rc != 0:
+        raise SystemExit(f"export.py failed: {log.getvalue()}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.num_workers = resolve_workers(args.num_workers, torch.device("cpu"))
@@ -144,6 +167,8 @@ def main(argv=None):
         paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
         one = os.path.join(work, "one.jpg")
         shutil.copy(paths[0], one)
+        onnx_path = os.path.join(work, "model.onnx")
+        export_onnx(model_path, folder, onnx_path)
 
         print("ceiling ...", flush=True)
         ceiling_1, _ = forward_ceiling(args.batch_size, image_size, backbone, args.ceiling_seconds)
@@ -151,15 +176,19 @@ def main(argv=None):
 
         bare_cmd = [python, "-c", "import torch, torchvision"]
         one_cmd = [python, "inference.py", one, "--model", model_path]
+        onnx_cmd = [python, "inference.py", one, "--model", onnx_path]
         print(f"start-up: {args.runs} x each, alternating ...", flush=True)
-        timed_run(bare_cmd), timed_run(one_cmd)  # warm the page cache; not counted
-        bare, single = [], []
+        timed_run(bare_cmd), timed_run(one_cmd), timed_run(onnx_cmd)  # warm the page cache; not counted
+        bare, single, single_onnx = [], [], []
         for _ in range(args.runs):
             bare.append(timed_run(bare_cmd)[0])
             t, out = timed_run(one_cmd)
             single.append(t)
+            t, out_onnx = timed_run(onnx_cmd)
+            single_onnx.append(t)
         print(f"    | bare import {' '.join(f'{t:.2f}' for t in bare)} s; one image "
-              f"{' '.join(f'{t:.2f}' for t in single)} s; output: {out.strip()}", flush=True)
+              f"{' '.join(f'{t:.2f}' for t in single)} s; output: {out.strip()}; ONNX "
+              f"{' '.join(f'{t:.2f}' for t in single_onnx)} s; output: {out_onnx.strip()}", flush=True)
         stages = json.loads(timed_run([python, "-c", STAGES, model_path, one])[1])
 
         folder_cmd = [python, "inference.py", folder, "--model", model_path, "--batch-size", str(args.batch_size),
@@ -171,6 +200,13 @@ def main(argv=None):
             assert out.count("Attributes present") == len(paths), out[-500:]
             folder_walls.append(t)
         print(f"    | {' '.join(f'{t:.1f}' for t in folder_walls)} s", flush=True)
+        onnx_folder_walls = []
+        for _ in range(args.folder_runs):
+            t, out = timed_run([python, "inference.py", folder, "--model", onnx_path, "--batch-size",
+                                str(args.batch_size)])
+            assert out.count("Attributes present") == len(paths), out[-500:]
+            onnx_folder_walls.append(t)
+        print(f"    | ONNX {' '.join(f'{t:.1f}' for t in onnx_folder_walls)} s", flush=True)
 
         print("ceiling again, after the folder runs ...", flush=True)
         ceiling_2, _ = forward_ceiling(args.batch_size, image_size, backbone, args.ceiling_seconds)
@@ -183,6 +219,10 @@ def main(argv=None):
         for workers in sorted({args.num_workers, 0, 2}, reverse=True):
             rates[workers] = predict_rate(model_path, paths, args, workers)
             print(f"    | {workers} workers: {rates[workers]:.2f} images/s", flush=True)
+        onnx_rate = predict_onnx_rate(onnx_path, paths, args)
+        print(f"    | ONNX Runtime, predict_onnx: {onnx_rate:.2f} images/s", flush=True)
+        int8_rate = predict_onnx_rate(onnx_path.replace(".onnx", ".int8.onnx"), paths, args)
+        print(f"    | ONNX Runtime, int8 (export.py --int8): {int8_rate:.2f} images/s", flush=True)
 
         print("ceiling, freed memory kept ...", flush=True)
         ceiling_3, _ = forward_ceiling(args.batch_size, image_size, backbone, args.ceiling_seconds)
@@ -192,6 +232,7 @@ def main(argv=None):
         shutil.rmtree(work, ignore_errors=True)
 
     bare_s, single_s, folder_s = median(bare), median(single), min(folder_walls)
+    onnx_s, onnx_folder_s = median(single_onnx), min(onnx_folder_walls)
 
     def pct(rate):
         return f"{100 * rate / ceiling:.0f}%"
@@ -201,6 +242,14 @@ def main(argv=None):
         ["one image: python inference.py one.jpg", fmt(single_s, ".2f"), "-", f"{single_s / bare_s:.2f}x", "-"],
         [f"folder: python inference.py FOLDER ({len(paths)} images, best of {len(folder_walls)}), start-up included",
          fmt(folder_s, ".2f"), fmt(len(paths) / folder_s, ".2f"), "-", pct(len(paths) / folder_s)],
+        ["ONNX one image: python inference.py one.jpg --model model.onnx", fmt(onnx_s, ".2f"), "-",
+         f"{onnx_s / bare_s:.2f}x", "-"],
+        [f"ONNX folder: python inference.py FOLDER --model model.onnx (best of {len(onnx_folder_walls)})",
+         fmt(onnx_folder_s, ".2f"), fmt(len(paths) / onnx_folder_s, ".2f"), "-", pct(len(paths) / onnx_folder_s)],
+        [f"ONNX folder loop: predict_onnx() in process, batch {args.batch_size}", fmt(len(paths) / onnx_rate, ".2f"),
+         fmt(onnx_rate, ".2f"), "-", pct(onnx_rate)],
+        [f"ONNX int8 folder loop (export.py --int8): predict_onnx(), batch {args.batch_size}",
+         fmt(len(paths) / int8_rate, ".2f"), fmt(int8_rate, ".2f"), "-", pct(int8_rate)],
     ]
     for workers, rate in rates.items():
         rows.append([f"folder loop: predict() in process, {workers} workers, batch {args.batch_size}",
@@ -213,7 +262,7 @@ def main(argv=None):
     print(f"setup     checkpoint {backbone} {image_size}px ({size_mb:.0f} MB), {args.runs} start-up runs each (median), "
           f"folder batch {args.batch_size}, {args.num_workers} workers")
     print(table(["what", "wall s", "images/s", "vs bare import", "% ceiling"], rows))
-    print("% ceiling: of the highest ceiling. The folder row includes process start-up (imports, checkpoint); the "
+    print("% ceiling: of the highest (PyTorch) ceiling. The folder row includes process start-up (imports, checkpoint); the "
           "folder loop rows do not.")
     print("\nwhere `python inference.py one.jpg` spends its time (one fresh process)")
     print(table(["stage", "seconds"], [[k, fmt(v, ".3f")] for k, v in stages.items()] +
@@ -234,10 +283,14 @@ def main(argv=None):
          single_s <= 1.5 * bare_s),
         (f"folder inference (the loop, {args.num_workers} workers) >= 85% of the forward ceiling", pct(steady),
          steady >= 0.85 * ceiling),
+        ("python inference.py one.jpg --model model.onnx <= 0.5x bare import torch, torchvision",
+         f"{onnx_s / bare_s:.2f}x", onnx_s <= 0.5 * bare_s),
     ]:
         print(f"  {'PASS' if ok else 'FAIL'}  {what}: {value}")
     print(f"  info  the whole `python inference.py FOLDER` of {len(paths)} images, start-up included: "
           f"{pct(folder_rate)}")
+    print(f"  info  folder throughput, ONNX Runtime / PyTorch: the loop {onnx_rate / steady:.2f}x, the whole command "
+          f"{folder_s / onnx_folder_s:.2f}x; int8 / float ONNX loop {int8_rate / onnx_rate:.2f}x")
     print(f"\ntotal benchmark time {time.perf_counter() - total_started:.0f}s; load avg at the end {load_average()}")
     return 0
 

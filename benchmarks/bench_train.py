@@ -192,7 +192,7 @@ def project_path(labels, images, args, folder, cache_dir, extra=()):
             "--curve", os.path.join(folder, "loss_curve.png"), "--weights", args.weights, "--backbone", args.backbone,
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--image-size",
             str(args.image_size), "--num-workers", str(args.num_workers), "--seed", str(args.seed),
-            "--cache-dir", cache_dir, "--patience", "0", *extra]
+            "--cache-dir", cache_dir, "--patience", "0", "--folds", "0", "--no-report", *extra]
     timers = Timers()
     timers.wrap(train, "load_dataset", "data")
     timers.wrap(train, "split_indices", "data")
@@ -273,13 +273,15 @@ def sweep(paths, args, ceiling):
         torch.set_num_threads(threads)
         try:
             # warm-up on this shape so the first-batch kernel set-up is not what is measured
-            list(feature_cache.extract(model, paths[:batch], args.image_size, IMAGENET_MEAN, IMAGENET_STD, batch, 0,
-                                       torch.device("cpu"), False))
+            list(feature_cache.extract(model, paths[:batch], image_size=args.image_size, mean=IMAGENET_MEAN,
+                                       std=IMAGENET_STD, batch_size=batch, num_workers=0, device=torch.device("cpu"),
+                                       amp=False))
             rate = 0.0
             for _ in range(2):  # best of two: the machine is shared
                 started = time.perf_counter()
-                for _ in feature_cache.extract(model, paths, args.image_size, IMAGENET_MEAN, IMAGENET_STD, batch,
-                                               workers, torch.device("cpu"), False):
+                for _ in feature_cache.extract(model, paths, image_size=args.image_size, mean=IMAGENET_MEAN,
+                                               std=IMAGENET_STD, batch_size=batch, num_workers=workers,
+                                               device=torch.device("cpu"), amp=False):
                     pass
                 rate = max(rate, 2 * len(paths) / (time.perf_counter() - started))
         finally:

@@ -66,3 +66,19 @@ def no_network(monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
     return attempts
+
+
+def write_checkpoint(path, backbone="mobilenet_v3_large", image_size=64, seed=0, weights="none"):
+    """A model.pth as train.py writes it, untrained: a seeded random head on the backbone's `weights`."""
+    from dataset import IMAGENET_MEAN, IMAGENET_STD
+    from model import build_model, make_checkpoint, save_checkpoint
+
+    torch.manual_seed(seed)
+    model = build_model(backbone, 4, weights, image_size=image_size)
+    with torch.no_grad():  # a head that spreads the probabilities, so thresholds and outputs differ between images
+        model.head.weight.normal_(0, 2.0 / model.head.in_features ** 0.5)
+    save_checkpoint(make_checkpoint(model, backbone=backbone, attributes=["Attr1", "Attr2", "Attr3", "Attr4"],
+                                    image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                    thresholds=[0.5, 0.45, 0.55, 0.5], config={"unfreeze": "none"}, epoch=1),
+                    str(path))
+    return str(path)

@@ -132,8 +132,8 @@ def test_loader_batch_of_only_bad_images():
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_loader_workers_give_the_same_batches(image_folder, shuffle):
     dataset = ImageDataset(image_folder, None, eval_transform(8))
-    single = batches(make_loader(dataset, 3, shuffle, num_workers=0, seed=3))
-    multi = batches(make_loader(dataset, 3, shuffle, num_workers=2, seed=3))
+    single = batches(make_loader(dataset, batch_size=3, shuffle=shuffle, num_workers=0, seed=3))
+    multi = batches(make_loader(dataset, batch_size=3, shuffle=shuffle, num_workers=2, seed=3))
     assert [b[0] for b in single] == [b[0] for b in multi]
     assert [b[2] for b in single] == [b[2] for b in multi]
     for a, b in zip(single, multi):
@@ -145,7 +145,7 @@ def test_shuffle_repeats_with_the_seed(image_folder):
     dataset = ImageDataset(image_folder, None, eval_transform(8))
 
     def order(seed):
-        return [i for b in batches(make_loader(dataset, 2, True, num_workers=0, seed=seed)) for i in b[0]]
+        return [i for b in batches(make_loader(dataset, batch_size=2, shuffle=True, num_workers=0, seed=seed)) for i in b[0]]
 
     assert order(11) == order(11)
     assert sorted(order(11)) == [0, 2, 3, 4, 5, 6]  # every good image once; 1 is the bad file
@@ -158,7 +158,7 @@ def test_random_augmentation_in_workers_repeats_with_the_seed(image_folder):
     dataset = ImageDataset(image_folder, None, train_transform(8))
 
     def run():
-        return torch.cat([b[1] for b in batches(make_loader(dataset, 2, False, num_workers=2, seed=4))])
+        return torch.cat([b[1] for b in batches(make_loader(dataset, batch_size=2, shuffle=False, num_workers=2, seed=4))])
 
     assert torch.equal(run(), run())
 

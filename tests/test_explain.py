@@ -55,7 +55,7 @@ def test_hand_computed_cam_of_a_tiny_model(monkeypatch):
     """logit_k = sum_c w_kc mean(A_c), so dlogit/dA_c = w_kc / (H W) everywhere: alpha_c = w_kc / (H W) and
     CAM_k = relu(sum_c w_kc A_c) / (H W). With A_0 = red, A_1 = green, w_0 = (2, -1): relu(2 red - green) / 16."""
     monkeypatch.setitem(model.GRADCAM_LAYERS, "tiny", "conv")
-    m = model.AttributeClassifier(TinyBackbone(), 2, 2)
+    m = model.AttributeClassifier(TinyBackbone(), torch.nn.Linear(2, 2), 2)
     with torch.no_grad():
         m.head.weight.copy_(torch.tensor([[2.0, -1.0], [0.0, 1.0]]))
         m.head.bias.zero_()

@@ -253,9 +253,10 @@ def test_the_loop_trains_the_same_head_from_features_and_from_images(tiny_set):
     index = np.arange(len(paths))
     torch.manual_seed(0)
     model = build_model("resnet50", 4, "none", "none", 64).eval()
-    features = np.concatenate([f for _, f, _ in feature_cache.extract(model, paths, 64, (0.485, 0.456, 0.406),
-                                                                        (0.229, 0.224, 0.225), 8, 0,
-                                                                        torch.device("cpu"), False, views=(0,))])
+    extracted = feature_cache.extract(model, paths, image_size=64, mean=(0.485, 0.456, 0.406),
+                                      std=(0.229, 0.224, 0.225), batch_size=8, num_workers=0,
+                                      device=torch.device("cpu"), amp=False, views=(0,))
+    features = np.concatenate([f for _, f, _ in extracted])
     features = np.repeat(features, 2, axis=1)  # both views unflipped: the image source below does not flip
     heads = []
     for source in ("features", "images"):
@@ -334,7 +335,7 @@ def test_offline_default_command_trains_the_packaged_backbone_and_says_why(tiny_
     captured = capsys.readouterr()
     warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "resnet50-11ad3fa6.pth" in warnings[0] and "efficientnet_lite0" in warnings[0]
-    first = captured.out.splitlines()[0]
+    first = next(line for line in captured.out.splitlines() if line.startswith("path:"))
     assert "backbone efficientnet_lite0" in first and "resnet50's ImageNet weights could not be had" in first
     ckpt = torch.load(tmp_path / "model.pth", weights_only=True)
     assert ckpt["backbone"] == "efficientnet_lite0" and "could not be had" in ckpt["backbone_reason"]
