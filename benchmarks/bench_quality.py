@@ -46,8 +46,14 @@ RECIPES = {
     "g": ("f + mlp head (dropout 0.5, wd 1e-2, cosine)",
           [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "288", "--head", "mlp", "--dropout",
            "0.5", "--weight-decay", "1e-2", "--scheduler", "cosine"], False),
-    "h": ("lite2 260, as f", ["--backbone", "efficientnet_lite2", "--weights", "imagenet", "--image-size", "260",
-                              "--head", "linear", "--folds", "5", "--no-tta", "--thresholds", "0.5"], False),
+    "g2": ("f + mlp head (dropout 0.2, wd 1e-4, constant lr)",
+           [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "288", "--head", "mlp", "--dropout",
+            "0.2"], False),
+    "h": ("g2 on lite2 at 260", ["--backbone", "efficientnet_lite2", "--weights", "imagenet", "--image-size", "260",
+                                 "--head", "mlp", "--dropout", "0.2", "--folds", "5", "--no-tta", "--thresholds",
+                                 "0.5"], False),
+    "i": ("g2 at 320 px", [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "320", "--head", "mlp",
+                           "--dropout", "0.2"], False),
     "default": ("the default command, offline (no flags)", [], False),
 }
 
