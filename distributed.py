@@ -128,6 +128,8 @@ def global_mean_loss(loss_fn):
 def _init():
     timeout = datetime.timedelta(seconds=float(os.environ.get("TRAIN_DIST_TIMEOUT", 1800)))
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():  # object collectives over NCCL use the current device: this rank's own
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=timeout)
     if dist.get_rank() != 0:  # one voice: the other ranks' logs, bars and warnings go nowhere
         sys.stdout = sys.stderr = open(os.devnull, "w")
@@ -176,6 +178,8 @@ def launch(run, args):
             raise
         _say_error(str(e))
         code = 2
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as run_cli does
+        code = 1
     except RuntimeError as e:
         if not _peer_gone(e):
             raise
