@@ -125,6 +125,24 @@ def global_mean_loss(loss_fn):
     return loss if active() else loss_fn
 
 
+class SharedStop:
+    """utils.StopFlag as every rank reads it: requested once any rank's is (Ctrl-C reaches torchrun, which sends
+    each worker a SIGINT, each at its own step). Every read is an all-reduce, so every rank must read it at the
+    same points, as the full loop does (after every step and epoch)."""
+
+    def __init__(self, flag):
+        self.flag, self.seen = flag, False
+
+    @property
+    def requested(self):
+        if not self.seen:
+            self.seen = bool(all_sum([self.flag.requested])[0])
+        return self.seen
+
+    def restore(self):
+        self.flag.restore()
+
+
 def _init():
     timeout = datetime.timedelta(seconds=float(os.environ.get("TRAIN_DIST_TIMEOUT", 1800)))
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"

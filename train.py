@@ -373,6 +373,7 @@ def make_batches(job):
                 job.model, device_ids=[job.device] if job.device.type == "cuda" else None)
             job.forward = image_forward(ddp, device=job.device, amp=job.amp)
             job.train_loss_fn = distributed.global_mean_loss(job.loss_fn)
+            job.stop = distributed.SharedStop(job.stop)  # all ranks stop after the same step
         transforms = {True: train_transform(args.image_size, job.mean, job.std, augment=args.augment),
                       False: eval_transform(args.image_size, job.mean, job.std)}
 

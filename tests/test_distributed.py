@@ -5,6 +5,7 @@ MASTER_ADDR/PORT: init_process_group's env:// rendezvous), so that each rank's o
 hang fails at the timeout; test_torchrun runs one job through torchrun itself."""
 import glob
 import json
+import signal
 import os
 import socket
 import subprocess
@@ -242,3 +243,24 @@ def test_torchrun_inference_prints_the_one_process_lines(tiny_set, tmp_path):
                               capture_output=True, text=True, timeout=TIMEOUT)
     assert launched.returncode == 0, launched.stderr
     assert launched.stdout == single.stdout and len(single.stdout.splitlines()) == 24
+
+
+def test_ctrl_c_to_torchrun_stops_every_rank_after_the_same_step_and_saves(tiny_set, tmp_path):
+    """torchrun passes Ctrl-C (SIGINT) on to each worker, each at its own step; the ranks agree on the step
+    (distributed.SharedStop), rank 0 writes model_last.pth, and all exit 130 as one process would."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRAIN_DIST_TIMEOUT="60")
+    args = train_args(tiny_set, tmp_path, "--augment", "strong", "--epochs", "500", "--patience", "0")
+    launched = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                 "2", os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in launched.stdout:
+            if line.startswith("epoch   2/500"):
+                break
+        launched.send_signal(signal.SIGINT)
+        out, err = launched.communicate(timeout=TIMEOUT)
+    finally:
+        launched.kill()
+    assert launched.returncode != 0 and "continue with --resume" in out, err[-2000:]
+    ckpt = torch.load(tmp_path / "model_last.pth", weights_only=True)
+    assert ckpt["epoch"] >= 2 and not any(k.startswith("module.") for k in ckpt["model"])
