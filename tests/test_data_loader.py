@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import data_loader
-from data_loader import make_loader, split_indices
+from data_loader import GlobalBatchShard, make_loader, split_indices
 from dataset import ImageDataset, collate, eval_transform, train_transform
 from utils import UserError
 
@@ -199,3 +199,39 @@ def test_feature_batches_take_a_random_view_in_training_and_both_for_tta():
                                       both_views=True)
     first = next(iter(both))[1]
     assert first.shape == (4, 2, 1) and first[1].tolist() == [[2.0], [3.0]]
+
+
+def test_global_batch_shards_together_are_the_one_process_batches():
+    """2 ranks' shares of each batch (every other image) are the one-process batch, in its order, every epoch."""
+    dataset = list(range(21))
+
+    def batches(shard, epoch):
+        generator = torch.Generator().manual_seed(epoch)
+        sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(dataset, generator=generator), 8, False)
+        return list(GlobalBatchShard(sampler, *shard) if shard else sampler)
+
+    for epoch in (0, 1):
+        one, rank0, rank1 = batches(None, epoch), batches((0, 2), epoch), batches((1, 2), epoch)
+        assert [len(b) for b in one] == [8, 8, 5] and [len(b) for b in rank0] == [4, 4, 3]
+        for whole, a, b in zip(one, rank0, rank1):
+            assert whole[0::2] == a and whole[1::2] == b
+    assert batches(None, 0) != batches(None, 1)
+
+
+def test_a_sharded_loader_splits_the_batches_of_the_one_process_loader():
+    """make_loader(shard=...) draws the same order from the same generator as the usual shuffled loader."""
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 19
+
+        def __getitem__(self, i):
+            return i, torch.zeros(1), None
+
+    def order(shard):
+        loader = make_loader(Items(), batch_size=8, shuffle=True, num_workers=0, seed=5, shard=shard)
+        loader.generator.manual_seed(11)
+        return [indices.tolist() for indices, _, _ in loader]
+
+    one, rank0, rank1 = order(None), order((0, 2)), order((1, 2))
+    assert [len(b) for b in one] == [8, 8, 3]
+    assert [a + b for a, b in zip(rank0, rank1)] == [whole[0::2] + whole[1::2] for whole in one]
