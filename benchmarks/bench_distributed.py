@@ -8,7 +8,9 @@ Each run is the user's command on a generated set: 1 process is a plain `python 
 (--folds 0 --epochs 1), the rate of its "extracted in" line (2 forwards per training image, 1 per validation
 image) in images/s. Full loop: --augment strong, 2 epochs, the img/s of the second epoch's line (all ranks'
 images; the first epoch pays the start-up). On a CPU each process gets cores / N threads (OMP_NUM_THREADS), so
-N processes share the same cores: expect no gain there; the point of the CPU rows is that nothing is lost.
+N processes share the same cores: expect no gain over 1 process with all the threads; on a shared, busy machine
+spinning OpenMP threads can make the many-thread row far slower (measured: 2 threads 10x slower than 1), which
+is why 1 process with each thread count is measured too.
 """
 import argparse
 import os
@@ -30,6 +32,18 @@ def train(world, flags, *, device, threads):
     if done.returncode:
         sys.exit(f"train.py on {world} process(es) failed:\n{done.stderr[-3000:]}")
     return done.stdout
+
+
+def configurations(args, cores):
+    """(processes, threads each): on a CPU each process count shares the cores, and 1 process also runs with
+    each of those thread counts (first), the baseline of the efficiency; on GPUs one process per GPU."""
+    worlds = [int(w) for w in args.nproc.split(",")]
+    if args.device == "cuda":
+        threads = max(cores // max(worlds) // 2, 1)
+        return [(w, threads) for w in worlds]
+    each = [(w, max(cores // w, 1)) for w in worlds]
+    ones = sorted({(1, t) for _, t in each}, reverse=True)
+    return ones + [c for c in each if c[0] > 1]
 
 
 def extraction_rate(output, images, val_images):
@@ -59,10 +73,9 @@ def main():
                   "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--num-workers",
                   str(args.num_workers), "--folds", "0", "--no-report"]
         val_images = round(0.2 * args.images)
-        base = None
-        for world in map(int, args.nproc.split(",")):
-            threads = max(cores // world, 1) if args.device == "cpu" else max(cores // world // 2, 1)
-            out = os.path.join(tmp, f"run{world}")
+        base = {}  # threads each -> the 1-process rates with that many threads
+        for world, threads in configurations(args, cores):
+            out = os.path.join(tmp, f"run{world}x{threads}")
             cached = train(world, common + ["--epochs", "1", "--out", f"{out}/x/model.pth", "--curve",
                                             f"{out}/x/c.png", "--cache-dir", f"{out}/cache"],
                            device=args.device, threads=threads)
@@ -70,16 +83,16 @@ def main():
             full = train(world, common + ["--augment", "strong", "--epochs", "2", "--out", f"{out}/y/model.pth",
                                           "--curve", f"{out}/y/c.png"], device=args.device, threads=threads)
             loop_s = full_loop_rate(full)
-            base = base or (images_s, loop_s)
+            one = base.setdefault(threads, (images_s, loop_s))
             rows.append([str(world), str(threads), f"{images_s:.1f}", f"{forwards_s:.1f}",
-                         f"{images_s / base[0] / world:.0%}", f"{loop_s:.0f}", f"{loop_s / base[1] / world:.0%}"])
+                         f"{images_s / one[0] / world:.0%}", f"{loop_s:.0f}", f"{loop_s / one[1] / world:.0%}"])
     print("\n".join(machine_lines()))
     print(f"set       {args.images} generated images ({val_images} validation), {args.backbone} (random weights) at "
           f"{args.image_size} px, global batch {args.batch_size}, {args.num_workers} loader workers per process, "
           f"device {args.device}")
     print(table(["processes", "threads each", "extract img/s", "forwards/s", "efficiency", "full loop img/s",
                  "efficiency"], rows))
-    print("efficiency: the rate / (the 1-process rate x processes); 100% is perfect scaling")
+    print("efficiency: the rate / (processes x the rate of 1 process with as many threads); 100% is perfect")
 
 
 if __name__ == "__main__":
