@@ -270,7 +270,7 @@ def test_the_loop_trains_the_same_head_from_features_and_from_images(tiny_set):
                                    num_workers=0, seed=1, device=torch.device("cpu"), report=report)
             forward = train.image_forward(m, device=torch.device("cpu"), amp=False)
         batches.set_epoch(2)
-        optimizer = train.make_optimizer(m, train.parse_args([]))
+        optimizer = train.make_optimizer(m.head, train.parse_args([]))
         stop = StopFlag()
         losses, seen = train.train_one_epoch(forward, batches, loss_fn=MaskedBCE(torch.ones(4)), optimizer=optimizer,
                                              lr_at=lambda step: 1.0, first_step=0, device=torch.device("cpu"),
