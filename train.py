@@ -538,7 +538,7 @@ def keep_checkpoints(job, thresholds, record, improved):
         job.model, backbone=args.backbone, attributes=list(job.attributes), image_size=args.image_size,
         mean=list(job.mean), std=list(job.std), thresholds=[float(t) for t in thresholds],
         config=plain_config(args), label_counts=job.counts, epoch=record["epoch"], val_map=val_map(job, record),
-        tta=bool(args.tta), backbone_reason=job.why)
+        tta=bool(args.tta), amp=bool(job.amp), backbone_reason=job.why)
     if improved:
         job.pending["best"] = checkpoint
     job.pending["last"] = dict(checkpoint, optimizer=job.optimizer.state_dict(), rng=rng_state(),

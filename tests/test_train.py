@@ -345,3 +345,14 @@ def test_offline_default_command_trains_the_packaged_backbone_and_says_why(tiny_
     assert train.main(common + ["--backbone", "resnet50"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot get the ImageNet weights for resnet50") and "Traceback" not in err
+
+
+def test_a_cross_validated_run_writes_its_report_from_the_features_it_trained_on(tiny_set, tmp_path, capsys):
+    args = [a for a in train_args(tiny_set, tmp_path, "--backbone", "mobilenet_v3_large", epochs=2)
+            if a != "--no-report"]
+    args[args.index("--folds") + 1] = "2"
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("extracting ") == 1  # the report found train.py's features in the cache
+    assert (tmp_path / "report.html").stat().st_size > 0
+    assert torch.load(tmp_path / "model.pth", weights_only=True)["amp"] is False  # as resolved, not "auto"
