@@ -165,7 +165,7 @@ def test_evaluate_reproduces_the_validation_table(tiny_set, tmp_path, capsys):
         assert (mine["ap"] is None and theirs["ap"] is None) or mine["ap"] == pytest.approx(theirs["ap"], abs=1e-4)
 
 
-def test_the_pipeline_learns_with_pretrained_features(tmp_path, capsys):
+def test_the_pipeline_learns_with_pretrained_features(tmp_path, capsys, lite0_cache):
     """EfficientNet-Lite0 ImageNet features (from PyPI, offline) + the head, on the shipped sample.
 
     Measured on this machine (seed 0, 30 epochs): validation mAP 0.955, per-attribute AP 1.00 / 1.00 / 1.00 /
@@ -176,17 +176,17 @@ def test_the_pipeline_learns_with_pretrained_features(tmp_path, capsys):
     """
     result = train.main(["--backbone", "efficientnet_lite0", "--labels", os.path.join(ROOT, "labels.txt"),
                          "--images", os.path.join(ROOT, "images"), "--out", str(tmp_path / "model.pth"),
-                         "--curve", str(tmp_path / "curve.png"), "--cache-dir", str(tmp_path / "cache"),
+                         "--curve", str(tmp_path / "curve.png"), "--cache-dir", lite0_cache, "--image-size", "224",
                          "--epochs", "30", "--seed", "0", "--no-report"])
     assert result == 0
     metrics = json.load(open(tmp_path / "metrics.json"))
     validation = metrics["validation"]
     assert validation["map"] >= 0.85
-    at_half = {r["attribute"]: r for r in metrics["validation_at_0.5"]["attributes"]}
     for row in validation["attributes"]:
         assert row["ap"] >= row["prevalence"] + 0.3, row
-        # Tuned thresholds maximise F1 on validation, so they can never do worse than 0.5 there.
-        assert row["f1"] >= at_half[row["attribute"]]["f1"] - 1e-12, row
+        assert row["f1"] > row["majority_f1"], row
+    print(json.dumps({r["attribute"]: [round(r["ap"], 3), round(r["f1"], 3)] for r in validation["attributes"]}),
+          validation["map"], validation["macro_f1"], metrics["cross_validation"]["epochs"], file=sys.stderr)
     table = capsys.readouterr().out
     assert "mAP" in table and "Attr4" in table
 
