@@ -207,17 +207,17 @@ def plain_config(args):
 
 
 def load_data(args, report):
-    """Labels, split and class balance, logged; returns (table, paths, targets, train_idx, val_idx, pos_weight)."""
+    """Labels, split and class balance; returns (table, paths, targets, train_idx, val_idx, pos_weight, the lines
+    to log)."""
     table, paths, targets = load_dataset(args.labels, args.images, report)
     train_idx, val_idx = split_indices(targets, args.val_fraction, args.seed)
     pos_weight, problems = pos_weights(targets[train_idx])
     for k, message in problems.items():
         report.warn("attribute", f"{args.labels}: {table.attributes[k]}: {message}")
-    log(f"data: {len(paths)} images used ({len(train_idx)} train, {len(val_idx)} validation), "
-        f"skipped: {report.summary() or 'none'}")
-    log(format_counts(table.attributes, label_counts(targets)))
-    log("pos_weight (train): " + " ".join(f"{a}={w:.3f}" for a, w in zip(table.attributes, pos_weight.tolist())))
-    return table, paths, targets, train_idx, val_idx, pos_weight
+    said = [f"data: {len(paths)} images used ({len(train_idx)} train, {len(val_idx)} validation), "
+            f"skipped: {report.summary() or 'none'}", format_counts(table.attributes, label_counts(targets)),
+            "pos_weight (train): " + " ".join(f"{a}={w:.3f}" for a, w in zip(table.attributes, pos_weight.tolist()))]
+    return table, paths, targets, train_idx, val_idx, pos_weight, said
 
 
 def make_optimizer(model, args):
@@ -241,15 +241,18 @@ def setup(args):
     reason = "frozen backbone, flip-only augmentation" if cached else \
         ("--unfreeze last" if args.unfreeze != "none" else "--augment strong")
     device = pick_device(args.device)
-    kept = args.keep_freed_memory and keep_freed_memory(device)
     workers = resolve_workers(args.num_workers, device)
+    report = Report(strict=args.strict)
+    table, paths, targets, train_idx, val_idx, pos_weight, said = load_data(args, report)
+    # Only now: kept freed memory pays in the backbone's forwards, and the label pipeline's temporaries (GBs at
+    # 1M images) must go back to the system, not stay in the heap for the rest of the run.
+    kept = args.keep_freed_memory and keep_freed_memory(device)
     log(f"path: {'cached features' if cached else 'full loop'} ({reason}); device {device}"
         f"{' (freed memory kept for reuse)' if kept else ''}, {workers} loader workers; "
         f"backbone {args.backbone} ({args.weights if not resumed else 'resumed'})")
+    for line in said:
+        log(line)
     seed_everything(args.seed)
-
-    report = Report(strict=args.strict)
-    table, paths, targets, train_idx, val_idx, pos_weight = load_data(args, report)
     torch.manual_seed(args.seed)
     model = build_model(args.backbone, len(table.attributes), "none" if resumed else args.weights, args.unfreeze,
                         args.image_size)
