@@ -378,11 +378,11 @@ def drop_missing_images(table, images_dir, report):
 
 def label_counts(targets):
     """Per-attribute positive, negative and NA counts of an (N, K) target tensor with NA = -1."""
-    return {
-        "positive": (targets == 1).sum(0).tolist(),
-        "negative": (targets == 0).sum(0).tolist(),
-        "na": (targets == NA).sum(0).tolist(),
-    }
+    counts = np.zeros((3, targets.shape[1]), dtype=np.int64)
+    for start in range(0, len(targets), 65536):  # in blocks: a bool sum casts the whole operand to int64 (8x)
+        block = np.asarray(targets[start:start + 65536])
+        counts += [(block == 1).sum(0), (block == 0).sum(0), (block == NA).sum(0)]
+    return {"positive": counts[0].tolist(), "negative": counts[1].tolist(), "na": counts[2].tolist()}
 
 
 def format_counts(attributes, counts):
