@@ -310,7 +310,8 @@ class _Rows:
                 odd[len(keep)] = self._values(line, fields[1:])
             elif has_bad[rank[i]]:
                 for j in np.flatnonzero(bad[rank[i]]).tolist():
-                    self._warn_cell(line, self.attributes[j], _ascii_token(scan, int(scan.starts[scan.first[i] + 1 + j])))
+                    cell = _ascii_token(scan, int(scan.starts[scan.first[i] + 1 + j]))
+                    self._warn_cell(line, self.attributes[j], cell)
             keep.append(rank[i])
             self.names.append(name)
             self.lines.append(line)

@@ -149,7 +149,7 @@ def stage_split(a, before):
     _, val = split_indices(targets, 0.2, 0)
     seconds, cpu = time.time() - started, time.process_time() - cpu
     relative, rows = worst_deviation(t, val)
-    return {"seconds": seconds, "cpu": cpu, "note": f"worst label {100 * relative:.2f}% ({rows:.1f} rows) off its share"}
+    return {"seconds": seconds, "cpu": cpu, "note": f"worst label {100 * relative:.2f}% ({rows:.1f} rows) off"}
 
 
 def validation_scores(n, k):
@@ -188,7 +188,8 @@ def stage_import(a, before):
     return {"seconds": time.time() - STARTED, "cpu": time.process_time()}
 
 
-STAGES = {"import train": stage_import, "start to first image": stage_start_to_first_image, "parse": stage_parse, "split": stage_split,
+STAGES = {"import train": stage_import, "start to first image": stage_start_to_first_image, "parse": stage_parse,
+          "split": stage_split,
           "per-epoch metrics": stage_metrics, "metrics.png": stage_figure}
 
 
@@ -238,7 +239,8 @@ def main():
             stage in ("start to first image", "parse", "split") else {}
         note = now.get("note", "") + "; "
         if old:
-            note += f"before: {fmt(old['seconds'], '.1f')} s ({fmt(old.get('cpu'), '.1f')} cpu s), {fmt(old['peak_gb'], '.2f')} GB" \
+            note += f"before: {fmt(old['seconds'], '.1f')} s ({fmt(old.get('cpu'), '.1f')} cpu s), " \
+                    f"{fmt(old['peak_gb'], '.2f')} GB" \
                     f"{', ' + old['note'] if old.get('note') else ''}"
         elif (n, k) in QUOTED and stage == "start to first image":
             note += QUOTED[(n, k)]

@@ -671,7 +671,8 @@ def reference_parse(path):
         row = []
         for attribute, cell in zip(attributes, fields[1:]):
             if cell.lower() not in value:
-                report.warn("bad value", f"{path}:{number}: {attribute} value {cell!r} is not 1, 0 or NA; treated as NA")
+                report.warn("bad value",
+                            f"{path}:{number}: {attribute} value {cell!r} is not 1, 0 or NA; treated as NA")
             row.append(value.get(cell.lower(), NA))
         seen[same] = number
         names.append(fields[0]), targets.append(row), lines.append(number)
@@ -724,7 +725,8 @@ def test_k_decided_by_the_whole_file_when_the_first_chunk_disagrees(tmp_path, mo
     assert len(said) == 2 and "found 3 fields" in said[0] and f"{path}:1:" in said[0]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.lists(st.sampled_from(TOKENS + ["c.jpg", "./a.jpg", "\x1c", "\x07", "N", "A"]), max_size=80).map("".join),
        st.sampled_from([1 << 22, 5, 23]))
 def test_any_text_parses_as_a_whole_file_read_does(tmp_path, text, chunk_bytes):
