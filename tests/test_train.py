@@ -105,7 +105,7 @@ def test_unfreeze_last_trains_the_last_block_and_nothing_before_it(tiny_set, tmp
     torch.manual_seed(0)  # train.py builds its random backbone right after seeding with --seed
     import model as model_py
 
-    before = model_py.build_model("mobilenet_v3_large", 4, "none", "last", 64).state_dict()
+    before = model_py.build_model("mobilenet_v3_large", 4, "none", "last", 64, head=train.HEAD).state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("backbone.features.16.") for k in changed)
     assert not any(k.startswith("backbone.features.1.") or k.startswith("backbone.features.14.") for k in changed)
