@@ -14,7 +14,7 @@ from utils import UserError, seed_worker
 def split_indices(targets, val_fraction, seed):
     """Seeded (train, val) index arrays, val of exactly round(val_fraction * n) rows, that keep every
     attribute's known-positive and known-negative rates in both parts. NA cells are neither, so they
-    spread at random rather than skewing a rate."""
+    spread at random rather than skewing a rate. Memory: the (N, K) int8 targets and one permuted copy."""
     n = len(targets)
     if val_fraction == 0:
         return np.arange(n), np.arange(0)
@@ -23,10 +23,8 @@ def split_indices(targets, val_fraction, seed):
     if n < 2:
         raise UserError(f"{n} usable image(s) cannot be split for validation; add images or use --val-fraction 0")
     t = np.asarray(targets)
-    # One label per (attribute, known value): stratifying on both keeps the positive rate among known cells.
-    labels = np.concatenate([t == 1, t == 0], axis=1)
     n_val = min(max(1, round(val_fraction * n)), n - 1)
-    part = iterative_stratification(labels, n_val, np.random.default_rng(seed))
+    part = iterative_stratification(t, n_val, np.random.default_rng(seed))
     return np.flatnonzero(part == 0), np.flatnonzero(part == 1)
 
 
@@ -38,81 +36,160 @@ def fold_indices(targets, folds, seed):
         raise UserError(f"{n} usable image(s) cannot be cross-validated in {folds} folds; use fewer folds "
                         "or --folds 0")
     t = np.asarray(targets)
-    labels = np.concatenate([t == 1, t == 0], axis=1)
     rng = np.random.default_rng(seed)
     fold, rest = np.full(n, folds - 1), np.arange(n)
     for f in range(folds - 1):
-        part = iterative_stratification(labels[rest], round(len(rest) / (folds - f)), rng)
+        part = iterative_stratification(t[rest], round(len(rest) / (folds - f)), rng)
         fold[rest[part == 1]] = f
         rest = rest[part == 0]
     return fold
 
 
-def iterative_stratification(labels, n_val, rng):
-    """Part (0 train, 1 val) of each row: Sechidis et al. (2011) iterative stratification, with each part
-    closed once full so that val gets exactly n_val rows.
+def label_counts_of(t):
+    """Counts of the 2K labels of rows t (N, K): label k is `attribute k is 1`, label K + k `attribute k is 0`.
+    Stratifying on both keeps the positive rate among known cells."""
+    return np.concatenate([(t == 1).sum(0), (t == 0).sum(0)])
+
+
+def iterative_stratification(t, n_val, rng):
+    """Part (0 train, 1 val) of each row of targets t: Sechidis et al. (2011) iterative stratification over the
+    2K labels of label_counts_of, with each part closed once full so that val gets exactly n_val rows.
 
     The rarest label is placed first, row by row, into the part that still wants most of it; ties go to the
     part with more room, then at random. Rows with no known cell fill the remaining room at random.
-    """
-    n = len(labels)
-    room = np.array([n - n_val, n_val], dtype=np.float64)
-    wanted = np.outer(room / n, labels.sum(0))  # (2, L): rows of each label each part still wants
-    left = labels.sum(0).astype(np.int64)  # unplaced rows of each label
-    part = np.full(n, -1)
+    Within one label only that label's wants and the rooms change, so its rows are placed with scalars and the
+    other labels' wants are updated once per label: time O(N K), not a vector update per row."""
+    n, k = t.shape
+    room = [float(n - n_val), float(n_val)]
+    total = label_counts_of(t)
+    wanted = np.outer(np.array(room) / n, total)  # (2, 2K): rows of each label each part still wants
+    left = total.astype(np.int64)  # unplaced rows of each label
+    part = np.full(n, -1, dtype=np.int8)
     order = rng.permutation(n)
-
-    def choose(scores):
-        scores = np.where(room > 0, scores, -np.inf)
-        best = np.flatnonzero(scores == scores.max())
-        if len(best) > 1:
-            best = best[room[best] == room[best].max()]
-        return best[rng.integers(len(best))] if len(best) > 1 else best[0]
-
+    columns = np.empty((k, n), dtype=np.int8)  # targets in `order`, one attribute per contiguous row
+    for start in range(0, n, 65536):
+        columns[:, start:start + 65536] = t[order[start:start + 65536]].T
+    placed = np.zeros(n, dtype=bool)  # by position in `order`
     while (left > 0).any():
         active = np.flatnonzero(left > 0)
-        label = active[np.argmin(left[active])]
-        for row in order[(part[order] < 0) & labels[order, label]]:
-            j = choose(wanted[:, label])
-            part[row] = j
-            room[j] -= 1
-            wanted[j] -= labels[row]
-            left -= labels[row]
-    for row in order[part[order] < 0]:
-        j = choose(room)
-        part[row] = j
-        room[j] -= 1
-    return refine(labels, part, rng)
+        label = int(active[np.argmin(left[active])])
+        positions = np.flatnonzero((columns[label % k] == (1 if label < k else 0)) & ~placed)
+        rows = order[positions]
+        parts, wanted[:, label], room = _place(rows, wanted[:, label].tolist(), room, rng)
+        placed[positions] = True
+        part[rows] = parts
+        for j in (0, 1):
+            counts = label_counts_of(t[rows[parts == j]])
+            keep = wanted[j, label]
+            wanted[j] -= counts
+            wanted[j, label] = keep  # already counted row by row in _place
+            left -= counts
+    rest = order[~placed]
+    part[rest], _, room = _place(rest, room, room, rng)
+    return refine(t, part, rng)
 
 
-def refine(labels, part, rng, rounds=200, sample=128):
+def _place(rows, scores, room, rng):
+    """Parts of rows placed one by one, each into the part of the higher score (ties: more room, then random),
+    that part's score and room dropping by one; returns (parts, final scores, final room). scores is room itself
+    for the rows with no known cell."""
+    s0, s1 = scores
+    r0, r1 = room
+    same = scores is room
+    parts = np.empty(len(rows), dtype=np.int8)
+    for i in range(len(rows)):
+        if r0 <= 0 or r1 <= 0:  # one part is full: the rest go to the other
+            j, taken = (1 if r0 <= 0 else 0), len(rows) - i
+            parts[i:] = j
+            if j == 0:
+                r0, s0 = r0 - taken, s0 - taken
+            else:
+                r1, s1 = r1 - taken, s1 - taken
+            break
+        if s0 != s1:
+            j = 0 if s0 > s1 else 1
+        elif r0 != r1:
+            j = 0 if r0 > r1 else 1
+        else:
+            j = int(rng.integers(2))
+        parts[i] = j
+        if j == 0:
+            r0, s0 = r0 - 1, s0 - 1
+        else:
+            r1, s1 = r1 - 1, s1 - 1
+        if same:
+            s0, s1 = r0, r1
+    return parts, [s0, s1], [r0, r1]
+
+
+def refine(t, part, rng, rounds=200, sample=128, stale_rounds=10):
     """Swap (train, val) row pairs while that brings every label's val count closer to its share.
 
-    The greedy pass places the commonest labels last, into parts that are nearly full, and can leave them
-    a few rows off; each swap keeps both sizes and strictly lowers sum_l (val_l - share * total_l)^2 / total_l.
-    """
-    x = labels.astype(np.float64)
-    total = x.sum(0)
+    The greedy pass places the commonest labels last, into parts that are nearly full, and can leave them a few
+    rows off (hundreds at 1M rows); each swap keeps both sizes and strictly lowers
+    cost = sum_l (val_l - share * total_l)^2 / total_l. Each round samples `sample` rows of each part. The first
+    `rounds` rounds make the one best swap among the pairs (as this function always did, so small sets, which
+    stop improving well before, split as they did); a set still improving after them gets as many more rounds
+    that make every improving swap among the sampled pairs, best first."""
+    total = label_counts_of(t).astype(np.float64)
     weight = 1.0 / np.maximum(total, 1)
     target = total * part.mean()
-    count = x[part == 1].sum(0)
+    count = label_counts_of(t[part == 1]).astype(np.float64)
     stale = 0
-    for _ in range(rounds):
+    for r in range(2 * rounds):
         train, val = np.flatnonzero(part == 0), np.flatnonzero(part == 1)
-        t = rng.choice(train, min(sample, len(train)), replace=False)
-        v = rng.choice(val, min(sample, len(val)), replace=False)
-        moved = count + x[t][:, None, :] - x[v][None, :, :]  # val counts after swapping t in, v out
-        cost = ((moved - target) ** 2 * weight).sum(-1)
-        i, j = np.unravel_index(np.argmin(cost), cost.shape)
-        if cost[i, j] < ((count - target) ** 2 * weight).sum() - 1e-12:
-            part[t[i]], part[v[j]] = 1, 0
-            count = moved[i, j]
-            stale = 0
-        else:
-            stale += 1
-            if stale >= 10:
-                break
+        a = rng.choice(train, min(sample, len(train)), replace=False)
+        b = rng.choice(val, min(sample, len(val)), replace=False)
+        xa, xb = _labels(t[a]), _labels(t[b])
+        swaps = _best_swap(xa, xb, count, target, weight) if r < rounds else _swaps(xa, xb, count, target, weight)
+        for i, j in swaps:
+            part[a[i]], part[b[j]] = 1, 0
+            count += xa[i] - xb[j]
+        stale = 0 if swaps else stale + 1
+        if stale >= stale_rounds:
+            break
     return part
+
+
+def _labels(rows):
+    return np.concatenate([rows == 1, rows == 0], axis=1).astype(np.float64)
+
+
+def _gains(xa, xb, error, weight):
+    """Cost change of swapping train row xa[i] in and val row xb[j] out, all pairs: with d = xa_i - xb_j,
+    sum_l w_l ((e_l + d_l)^2 - e_l^2) = A_i + B_j - 2 C_ij for 0/1 rows, one matrix product, no (S, S, L) array."""
+    a = xa @ (weight * (2 * error + 1))
+    b = xb @ (weight * (1 - 2 * error))
+    return a[:, None] + b[None, :] - 2 * ((xa * weight) @ xb.T)
+
+
+def _best_swap(xa, xb, count, target, weight):
+    """[(i, j)] of the swap with the lowest cost if it lowers the cost, else []. The pairs within rounding of the
+    best are costed directly as the cost is defined, so the choice among equal pairs (the first) never depends
+    on how the matrix product rounds."""
+    base = ((count - target) ** 2 * weight).sum()
+    gains = _gains(xa, xb, count - target, weight).ravel()
+    i, j = np.divmod(np.flatnonzero(gains <= gains.min() + 1e-9 * (1 + abs(base))), len(xb))
+    cost = ((count + xa[i] - xb[j] - target) ** 2 * weight).sum(-1)
+    best = int(np.argmin(cost))
+    return [(i[best], j[best])] if cost[best] < base - 1e-12 else []
+
+
+def _swaps(xa, xb, count, target, weight):
+    """Improving swaps (i, j) among the sampled rows, best first, each row at most once."""
+    error = count - target
+    gains = _gains(xa, xb, error, weight)
+    swaps = []
+    for _ in range(min(len(xa), len(xb))):
+        i, j = np.unravel_index(np.argmin(gains), gains.shape)
+        if gains[i, j] >= -1e-9:
+            break
+        swaps.append((i, j))
+        d = weight * (xa[i] - xb[j])
+        error += xa[i] - xb[j]
+        gains += 2 * (xa @ d)[:, None] - 2 * (xb @ d)[None, :]  # A and B follow the error; C does not change
+        gains[i, :], gains[:, j] = np.inf, np.inf
+    return swaps
 
 
 def make_loader(dataset, *, batch_size, shuffle, num_workers, seed=0, device=None, shard=None):

@@ -2,12 +2,15 @@
 
 The labels file has one image per line: `image_name v1 v2 ... vK`, values 1 / 0 / NA.
 An optional header line names the attributes. NA becomes -1 in the target tensor: the row
-is kept and only that cell is ignored by the loss and the metrics.
+is kept and only that cell is ignored by the loss and the metrics. Targets are int8 (1, 0, -1) from the parser
+to the batch: a 1M x 228 file takes 228 MB.
 """
 import os
-from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 from torchvision import transforms
 
@@ -21,11 +24,61 @@ NA = -1
 
 @dataclass
 class LabelTable:
+    """The rows of a labels file: targets (N, K) int8 (1, 0, NA = -1), names, and the line number of each row."""
     path: str
     attributes: list
-    names: list = field(default_factory=list)  # image names, in file order
-    targets: list = field(default_factory=list)  # one list of K ints (1, 0, NA) per image
-    lines: list = field(default_factory=list)  # line number of each row, for messages
+    names: "Names" = None  # image names, in file order
+    targets: np.ndarray = None
+    lines: np.ndarray = None  # line number of each row, for messages
+
+    def __post_init__(self):
+        if self.names is None:
+            self.names = Names()
+        if self.targets is None:
+            self.targets = np.zeros((0, len(self.attributes)), dtype=np.int8)
+        if self.lines is None:
+            self.lines = np.zeros(0, dtype=np.int64)
+
+
+class Names(Sequence):
+    """Image names as one newline-joined UTF-8 blob and end offsets: 1M names take ~30 MB, not ~110 MB of str
+    objects. Indexing gives str; equal to a list of the same names."""
+
+    def __init__(self, blob=b"", ends=None):
+        self.blob = bytes(blob)
+        self.ends = np.zeros(0, dtype=np.int64) if ends is None else np.asarray(ends, dtype=np.int64)
+
+    @classmethod
+    def from_bytes(cls, names):
+        names = list(names)
+        lengths = np.fromiter(map(len, names), dtype=np.int64, count=len(names))
+        return cls(b"\n".join(names), np.cumsum(lengths + 1) - 1)  # each name ends before its separator
+
+    def __len__(self):
+        return len(self.ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        start = int(self.ends[i - 1]) + 1 if i else 0
+        return self.blob[start:int(self.ends[i])].decode("utf-8")
+
+    def __iter__(self):
+        return iter(self.blob.decode("utf-8").split("\n") if len(self) else [])
+
+    def __eq__(self, other):
+        return list(self) == list(other) if isinstance(other, (Sequence, Names)) else NotImplemented
+
+    def __repr__(self):
+        return f"Names({len(self)})"
+
+    def take(self, index):
+        pieces = self.blob.split(b"\n") if len(self) else []
+        return Names.from_bytes(pieces[i] for i in np.asarray(index, dtype=np.int64).tolist())
 
 
 def _cell_value(cell):
@@ -39,83 +92,255 @@ def _cell_value(cell):
     return None
 
 
-def parse_labels(path, report=None):
-    """Read a labels file into a LabelTable; problems go to `report` (see the module docstring)."""
-    report = report or Report()
+# ---- the labels parser: streaming, in chunks of whole lines ----
+# Plain ASCII lines (nearly all of them) are split into tokens with numpy, where bytes <= 32 are whitespace; a line
+# with any other control byte, a NUL or a byte >= 0x80 goes through Python's decode and str.split() instead, so
+# both agree with str.split() on every line (it splits on \t\n\v\f\r, \x1c-\x1f and space among ASCII).
+CHUNK_BYTES = 1 << 22  # 4 MiB of lines at a time: the numpy temporaries of a chunk stay under 100 MB
+_SPACES = bytes(range(33))
+
+
+def _open_labels(path):
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        return open(path, "rb")
     except FileNotFoundError:
         raise UserError(f"{path}: labels file not found (give its path with --labels)") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read the labels file ({e.strerror})") from None
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16, as "Unicode text" exports write it
-        try:
-            raw = raw.decode("utf-16").encode("utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: looks like UTF-16 but does not decode; save it as UTF-8") from None
-    if raw.startswith(b"\xef\xbb\xbf"):  # a BOM, as spreadsheets write it
-        raw = raw[3:]
 
-    content = []  # (line number, fields)
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        try:
-            text = line.decode("utf-8")
-            if "\x00" in text:
-                raise UnicodeDecodeError("utf-8", line, 0, 1, "NUL byte")
-        except UnicodeDecodeError:
-            report.warn("not UTF-8", f"{path}:{number}: line is not UTF-8 text, skipped (save the file as UTF-8)")
-            continue
-        text = text.strip()
-        if not text or text.startswith("#"):
-            continue
-        content.append((number, text.split()))
-    if not content:
+
+def _read_chunks(path):
+    """(number of its first line, bytes of whole lines each ending in b"\n"), streaming through the file."""
+    with _open_labels(path) as f:
+        def read(n=CHUNK_BYTES):
+            try:
+                return f.read(n)
+            except OSError as e:
+                raise UserError(f"{path}: cannot read the labels file ({e.strerror})") from None
+
+        block = read()
+        if block.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16, as "Unicode text" exports write it
+            try:
+                block = (block + read(-1)).decode("utf-16").encode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: looks like UTF-16 but does not decode; save it as UTF-8") from None
+        if block.startswith(b"\xef\xbb\xbf"):  # a BOM, as spreadsheets write it
+            block = block[3:]
+        number, carry = 1, b""
+        while block:
+            data = carry + block
+            cut = data.rfind(b"\n") + 1
+            chunk, carry = data[:cut], data[cut:]
+            if chunk:
+                yield number, chunk
+                number += chunk.count(b"\n")
+            block = read()
+        if carry:
+            yield number, carry + b"\n"
+
+
+def _python_line(line):
+    """Fields of a line that is not plain ASCII, exactly as str.split() gives them; None if it is not UTF-8."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if "\x00" in text:
+        return None
+    text = text.strip()
+    return [] if not text or text.startswith("#") else text.split()
+
+
+def _scan(chunk):
+    """The tokens of a chunk of lines. Per line: width (fields; 0 for blank, comment and non-UTF-8 lines) and its
+    first token's index; `other` maps the lines that are not plain ASCII to their fields (None: not UTF-8)."""
+    buf = np.frombuffer(chunk, dtype=np.uint8)
+    space = buf <= 32
+    edges = np.diff(space.view(np.int8))  # -1: a token starts at the next byte, +1: one ends there
+    starts = np.flatnonzero(edges == -1) + 1
+    if not space[0]:
+        starts = np.concatenate(([0], starts))
+    newlines = np.flatnonzero(buf == 10)
+    width = np.diff(np.searchsorted(starts, newlines), prepend=0)
+    first = np.cumsum(width) - width
+    if len(starts):
+        width[(width > 0) & (buf[starts[np.minimum(first, len(starts) - 1)]] == ord("#"))] = 0  # comments
+    other = {}
+    odd = np.flatnonzero((buf >= 127) | (buf < 9) | ((buf > 13) & (buf < 28)))
+    if len(odd):
+        line_starts = np.concatenate(([0], newlines[:-1] + 1))
+        for i in np.unique(np.searchsorted(newlines, odd)).tolist():
+            other[i] = _python_line(chunk[line_starts[i]:newlines[i]])
+            width[i] = len(other[i] or ())
+    return SimpleNamespace(buf=buf, chunk=chunk, space=space, starts=starts, width=width, first=first, other=other)
+
+
+def _fields(scan, i):
+    if i in scan.other:
+        return scan.other[i]
+    return [_ascii_token(scan, int(scan.starts[t])) for t in range(scan.first[i], scan.first[i] + scan.width[i])]
+
+
+def _ascii_token(scan, start):
+    end = start + int(np.argmax(scan.space[start:]))  # every chunk ends in a newline
+    return scan.chunk[start:end].decode("ascii")
+
+
+def _attributes(path, widths, first_number, first):
+    """(attribute names, whether the first content line is a header) by the rules in the module docstring."""
+    if first is None:
         raise UserError(f"{path}: no labels in the file (expected lines like `img.jpg 1 0 NA 1`)")
-
-    first_number, first = content[0]
-    header = len(first) > 1 and all(_cell_value(c) is None for c in first[1:])
-    if header:
+    if len(first) > 1 and all(_cell_value(c) is None for c in first[1:]):
         # Usually `image_name A1 .. AK`; a header that names only the attributes has one cell less than the rows.
-        widths = Counter(len(fields) for _, fields in content[1:])
-        attributes = first if widths and widths.most_common(1)[0][0] == len(first) + 1 else first[1:]
+        # The most common width of the other lines; among equally common ones the first seen (as Counter does).
+        values, first_seen, counts = np.unique(widths[1:], return_index=True, return_counts=True)
+        common = values[np.lexsort((first_seen, -counts))[0]] if len(values) else None
+        attributes = first if common == len(first) + 1 else first[1:]
         if len(set(attributes)) != len(attributes):
             raise UserError(f"{path}:{first_number}: the header repeats an attribute name; make the names unique")
-        content = content[1:]
-    else:
-        # K is what most lines say, so one broken line cannot redefine the file.
-        counts = Counter(len(fields) for _, fields in content if len(fields) > 1)
-        if not counts:
-            raise UserError(f"{path}: no line has attribute values (expected lines like `img.jpg 1 0 NA 1`)")
-        attributes = [f"Attr{i + 1}" for i in range(max(counts, key=lambda n: (counts[n], n)) - 1)]
+        return attributes, True
+    # K is what most lines say, so one broken line cannot redefine the file (ties: the wider).
+    counts = np.bincount(widths[widths > 1])
+    if not counts.any():
+        raise UserError(f"{path}: no line has attribute values (expected lines like `img.jpg 1 0 NA 1`)")
+    return [f"Attr{i + 1}" for i in range(len(counts) - 2 - int(np.argmax(counts[::-1])))], False
 
-    table = LabelTable(path=path, attributes=attributes)
-    seen = {}
-    k = len(attributes)
-    for number, fields in content:
-        if len(fields) != k + 1:
-            report.warn("wrong field count",
-                        f"{path}:{number}: expected an image name and {k} values, found {len(fields)} fields; line skipped")
-            continue
-        name, cells = fields[0], fields[1:]
-        same = os.path.normpath(name)  # `a.jpg` and `./a.jpg` are one file
-        if same in seen:
-            report.warn("duplicate image",
-                        f"{path}:{number}: {name} already listed on line {seen[same]}; the first is kept")
-            continue
+
+def parse_labels(path, report=None):
+    """Read a labels file into a LabelTable; problems go to `report` (see the module docstring).
+
+    One streaming pass: K comes from the first chunk's lines and the rows go into an int8 array as they are read;
+    if the whole file's line widths say otherwise (K is what most lines say), a second pass reads the rows again.
+    Warnings wait for the end of the pass, then come in the order of a whole-file read: lines that are not UTF-8
+    first, then each line's own."""
+    report = report or Report()
+    not_utf8, widths, first_number, first, rows, guess = [], [], None, None, None, None
+    for number, chunk in _read_chunks(path):
+        scan = _scan(chunk)
+        not_utf8 += [number + i for i, fields in scan.other.items() if fields is None]
+        content = np.flatnonzero(scan.width)
+        widths.append(scan.width[content])
+        if first is None and len(content):
+            first_number, first = number + int(content[0]), _fields(scan, int(content[0]))
+            try:
+                guess = _attributes(path, np.concatenate(widths), first_number, first)
+                rows = _Rows(path, *guess, first_number, size_hint=os.path.getsize(path) * len(content) / len(chunk))
+            except UserError:  # decided (or refused) on the whole file below
+                pass
+        if rows is not None:
+            rows.add(number, scan)
+    for line in not_utf8:
+        report.warn("not UTF-8", f"{path}:{line}: line is not UTF-8 text, skipped (save the file as UTF-8)")
+    widths = np.concatenate(widths) if widths else np.zeros(0, dtype=np.int64)
+    found = _attributes(path, widths, first_number, first)
+    if found != guess:
+        rows = _Rows(path, *found, first_number, size_hint=len(widths))
+        for number, chunk in _read_chunks(path):
+            rows.add(number, _scan(chunk))
+    for reason, message in rows.warnings:
+        report.warn(reason, message)
+    return rows.table()
+
+
+def _cells(scan, full, k):
+    """(values, bad) of the k value cells of the lines `full`: 1 / 0 / NA (-1) as int8, and which cells are
+    none of `1`, `0`, `NA` in any case (NA too, with a warning)."""
+    buf, space = scan.buf, scan.space
+    # What a token starting at each byte would be (-2: not a value), from fast comparisons; then read at the cells.
+    one = space[1:].view(np.int8)
+    code = np.full(len(buf), -2, dtype=np.int8)
+    code[:-1] += one * (3 * (buf[:-1] == ord("1")).view(np.int8) + 2 * (buf[:-1] == ord("0")).view(np.int8))
+    code[:-2] += (((buf[:-2] | 32) == ord("n")) & ((buf[1:-1] | 32) == ord("a")) & space[2:]).view(np.int8)
+    if len(full) * (k + 1) == len(scan.starts):  # every token is on a line of k + 1 fields (the usual chunk)
+        starts = scan.starts.reshape(-1, k + 1)[:, 1:]
+    else:
+        starts = scan.starts[scan.first[full][:, None] + np.arange(1, k + 1)]
+    cells = code[starts]
+    return np.maximum(cells, NA), cells == -2
+
+
+class _Rows:
+    """The rows of the lines with k + 1 fields, appended chunk by chunk into an int8 array; the warnings of each
+    line are kept in file order for the end of the pass."""
+
+    def __init__(self, path, attributes, header, first_number, *, size_hint):
+        self.path, self.attributes, self.skip = path, attributes, first_number if header else None
+        self.targets = np.empty((int(size_hint * 1.02) + 16, len(attributes)), dtype=np.int8)
+        self.n, self.seen, self.names, self.lines, self.warnings = 0, {}, [], [], []
+
+    def add(self, number, scan):
+        k = len(self.attributes)
+        if not len(scan.starts):
+            return
+        ascii_width = scan.width.copy()
+        ascii_width[list(scan.other)] = 0  # lines that are not plain ASCII come as Python fields instead
+        full = np.flatnonzero(ascii_width == k + 1)
+        values, bad = _cells(scan, full, k)
+        rank = np.full(len(scan.width), -1)
+        rank[full] = np.arange(len(full))
+        rank, has_bad = rank.tolist(), bad.any(1).tolist()
+        name_start = scan.starts[np.minimum(scan.first, len(scan.starts) - 1)].tolist()
+        name_end = (scan.starts[np.minimum(scan.first + 1, len(scan.starts) - 1)]).tolist()
+        width, keep, odd = scan.width.tolist(), [], {}
+        for i in np.flatnonzero(scan.width).tolist():
+            line = number + i
+            if line == self.skip:
+                continue
+            if width[i] != k + 1:
+                self.warnings.append(("wrong field count", f"{self.path}:{line}: expected an image name and {k} "
+                                                           f"values, found {width[i]} fields; line skipped"))
+                continue
+            fields = scan.other.get(i)
+            name = fields[0].encode("utf-8") if fields else scan.chunk[name_start[i]:name_end[i]].rstrip(_SPACES)
+            same = name if b"/" not in name and not name.startswith(b".") else os.path.normpath(name)
+            if same in self.seen:  # `a.jpg` and `./a.jpg` are one file
+                self.warnings.append(("duplicate image", f"{self.path}:{line}: {name.decode('utf-8')} already listed "
+                                                         f"on line {self.seen[same]}; the first is kept"))
+                continue
+            self.seen[same] = line
+            if fields:
+                odd[len(keep)] = self._values(line, fields[1:])
+            elif has_bad[rank[i]]:
+                for j in np.flatnonzero(bad[rank[i]]).tolist():
+                    cell = _ascii_token(scan, int(scan.starts[scan.first[i] + 1 + j]))
+                    self._warn_cell(line, self.attributes[j], cell)
+            keep.append(rank[i])
+            self.names.append(name)
+            self.lines.append(line)
+        self._append(values, np.array(keep, dtype=np.int64), odd)
+
+    def _append(self, values, keep, odd):
+        if self.n + len(keep) > len(self.targets):
+            grown = np.empty((2 * (self.n + len(keep)), len(self.attributes)), dtype=np.int8)
+            grown[:self.n] = self.targets[:self.n]
+            self.targets = grown
+        block = self.targets[self.n:self.n + len(keep)]
+        block[keep >= 0] = values[keep[keep >= 0]]
+        for j, row in odd.items():
+            block[j] = row
+        self.n += len(keep)
+
+    def _values(self, line, cells):
         values = []
-        for attribute, cell in zip(attributes, cells):
+        for attribute, cell in zip(self.attributes, cells):
             value = _cell_value(cell)
             if value is None:
-                report.warn("bad value",
-                            f"{path}:{number}: {attribute} value {cell!r} is not 1, 0 or NA; treated as NA")
+                self._warn_cell(line, attribute, cell)
                 value = NA
             values.append(value)
-        seen[same] = number
-        table.names.append(name)
-        table.targets.append(values)
-        table.lines.append(number)
-    return table
+        return values
+
+    def _warn_cell(self, line, attribute, cell):
+        self.warnings.append(("bad value", f"{self.path}:{line}: {attribute} value {cell!r} is not 1, 0 or NA; "
+                                           f"treated as NA"))
+
+    def table(self):
+        # A view when the estimate was close; a copy when it was far over (the rest would stay allocated).
+        targets = self.targets[:self.n]
+        if len(self.targets) > 1.1 * self.n + 16:
+            targets = targets.copy()
+        return LabelTable(path=self.path, attributes=self.attributes, names=Names.from_bytes(self.names),
+                          targets=targets, lines=np.array(self.lines, dtype=np.int64))
 
 
 def write_labels(path, attributes, names, targets, comment=None):
@@ -133,25 +358,27 @@ def write_labels(path, attributes, names, targets, comment=None):
 
 
 def drop_missing_images(table, images_dir, report):
-    """Keep the rows whose image file exists; return the table of those rows."""
-    kept = LabelTable(path=table.path, attributes=table.attributes)
-    for name, values, number in zip(table.names, table.targets, table.lines):
-        if not os.path.isfile(os.path.join(images_dir, name)):
-            report.warn("image not found", f"{table.path}:{number}: {os.path.join(images_dir, name)} not found; skipped")
-            continue
-        kept.names.append(name)
-        kept.targets.append(values)
-        kept.lines.append(number)
-    return kept
+    """Keep the rows whose image file exists; return the table of those rows (the same table if all exist)."""
+    keep = np.ones(len(table.names), dtype=bool)
+    for i, name in enumerate(table.names):
+        path = os.path.join(images_dir, name)
+        if not os.path.isfile(path):
+            report.warn("image not found", f"{table.path}:{table.lines[i]}: {path} not found; skipped")
+            keep[i] = False
+    if keep.all():
+        return table
+    index = np.flatnonzero(keep)
+    return LabelTable(path=table.path, attributes=table.attributes, names=table.names.take(index),
+                      targets=table.targets[index], lines=table.lines[index])
 
 
 def label_counts(targets):
     """Per-attribute positive, negative and NA counts of an (N, K) target tensor with NA = -1."""
-    return {
-        "positive": (targets == 1).sum(0).tolist(),
-        "negative": (targets == 0).sum(0).tolist(),
-        "na": (targets == NA).sum(0).tolist(),
-    }
+    counts = np.zeros((3, targets.shape[1]), dtype=np.int64)
+    for start in range(0, len(targets), 65536):  # in blocks: a bool sum casts the whole operand to int64 (8x)
+        block = np.asarray(targets[start:start + 65536])
+        counts += [(block == 1).sum(0), (block == 0).sum(0), (block == NA).sum(0)]
+    return {"positive": counts[0].tolist(), "negative": counts[1].tolist(), "na": counts[2].tolist()}
 
 
 def format_counts(attributes, counts):
@@ -222,11 +449,12 @@ def collate(batch):
 
 
 def load_dataset(labels_path, images_dir, report):
-    """Parse the labels file and drop rows without an image; returns (table, paths, targets tensor)."""
+    """Parse the labels file and drop rows without an image; returns (table, paths, (N, K) int8 targets tensor)."""
     if not os.path.isdir(images_dir):
         raise UserError(f"{images_dir}: images folder not found (give it with --images)")
     table = drop_missing_images(parse_labels(labels_path, report), images_dir, report)
     if not table.names:
         raise UserError(f"{labels_path}: no usable row (every line was skipped or no listed image exists in {images_dir})")
     paths = [os.path.join(images_dir, n) for n in table.names]
-    return table, paths, torch.tensor(table.targets, dtype=torch.long)
+    # int8 all the way: 1M x 228 targets take 228 MB; a batch becomes float where the loss needs it.
+    return table, paths, torch.from_numpy(table.targets)

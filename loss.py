@@ -15,8 +15,12 @@ def pos_weights(targets):
     An attribute with no positives or no negatives gets 1.0 (neg/pos would be 0, inf or NaN) and a
     message in `problems`, one per such attribute index.
     """
-    positives = (targets == 1).sum(0).double()
-    negatives = (targets == 0).sum(0).double()
+    positives = torch.zeros(targets.shape[1], dtype=torch.float64)
+    negatives = torch.zeros(targets.shape[1], dtype=torch.float64)
+    for start in range(0, len(targets), 65536):  # in blocks: a bool sum casts the whole operand to int64 (8x)
+        block = targets[start:start + 65536]
+        positives += (block == 1).sum(0)
+        negatives += (block == 0).sum(0)
     problems = {}
     for k in range(targets.shape[1]):
         if positives[k] == 0 or negatives[k] == 0:

@@ -80,7 +80,8 @@ def features_of(model, ckpt, paths, *, args, device, report):
         model, paths, backbone=ckpt["backbone"], image_size=ckpt["image_size"], mean=ckpt["mean"], std=ckpt["std"],
         cache_dir=None if args.no_cache else args.cache_dir, batch_size=args.batch_size,
         num_workers=resolve_workers(args.num_workers, device), device=device,
-        amp=bool(ckpt["config"].get("amp", False)), report=report, mirror=np.zeros(len(paths), dtype=bool))
+        amp=ckpt.get("amp", ckpt["config"].get("amp") is True), report=report,
+        mirror=np.zeros(len(paths), dtype=bool))
     return np.asarray(features[np.where(ok, rows, 0), 0]), ok
 
 

@@ -260,17 +260,17 @@ def plain_config(args):
 
 
 def load_data(args, report, *, val_fraction):
-    """Labels, split and class balance, logged; returns (table, paths, targets, train_idx, val_idx, pos_weight)."""
+    """Labels, split and class balance; returns (table, paths, targets, train_idx, val_idx, pos_weight, the lines
+    to log)."""
     table, paths, targets = load_dataset(args.labels, args.images, report)
     train_idx, val_idx = split_indices(targets, val_fraction, args.seed)
     pos_weight, problems = pos_weights(targets[train_idx])
     for k, message in problems.items():
         report.warn("attribute", f"{args.labels}: {table.attributes[k]}: {message}")
-    log(f"data: {len(paths)} images used ({len(train_idx)} train, {len(val_idx)} validation), "
-        f"skipped: {report.summary() or 'none'}")
-    log(format_counts(table.attributes, label_counts(targets)))
-    log("pos_weight (train): " + " ".join(f"{a}={w:.3f}" for a, w in zip(table.attributes, pos_weight.tolist())))
-    return table, paths, targets, train_idx, val_idx, pos_weight
+    said = [f"data: {len(paths)} images used ({len(train_idx)} train, {len(val_idx)} validation), "
+            f"skipped: {report.summary() or 'none'}", format_counts(table.attributes, label_counts(targets)),
+            "pos_weight (train): " + " ".join(f"{a}={w:.3f}" for a, w in zip(table.attributes, pos_weight.tolist()))]
+    return table, paths, targets, train_idx, val_idx, pos_weight, said
 
 
 def make_loss_for(args, targets):
@@ -303,17 +303,20 @@ def setup(args):
         check_folder(args.cache_dir, "the feature cache folder", hint="give another --cache-dir or use --no-cache")
     device = distributed.local_device(pick_device(args.device))
     amp = args.amp == "on" or (args.amp == "auto" and bf16_is_native(device))
-    kept = args.keep_freed_memory and keep_freed_memory(device)
     workers = resolve_workers(args.num_workers, device)
+    table, paths, targets, train_idx, val_idx, pos_weight, said = load_data(
+        args, report, val_fraction=0.0 if folds else args.val_fraction)
+    # Only now: kept freed memory pays in the backbone's forwards, and the label pipeline's temporaries (GBs at
+    # 1M images) must go back to the system, not stay in the heap for the rest of the run.
+    kept = args.keep_freed_memory and keep_freed_memory(device)
     path = f"cached features ({f'{folds}-fold cross-validation' if folds else 'validation split'})" if cached else \
         f"full loop ({'--unfreeze last' if args.unfreeze != 'none' else '--augment strong'})"
     log(f"path: {path}; device {device}{' (freed memory kept for reuse)' if kept else ''}, {workers} loader workers"
         f"{', bf16 autocast' if amp else ''}; backbone {args.backbone} at {args.image_size} px "
         f"({'resumed' if resumed else args.weights}, {why}), {args.head} head")
+    for line in said:
+        log(line)
     seed_everything(args.seed)
-
-    table, paths, targets, train_idx, val_idx, pos_weight = load_data(
-        args, report, val_fraction=0.0 if folds else args.val_fraction)
     torch.manual_seed(args.seed)
     model = build_model(args.backbone, len(table.attributes), "none" if resumed else args.weights, args.unfreeze,
                         args.image_size, head=args.head, hidden=args.hidden, dropout=args.dropout)
@@ -554,7 +557,7 @@ def keep_checkpoints(job, thresholds, record, improved):
         job.model, backbone=args.backbone, attributes=list(job.attributes), image_size=args.image_size,
         mean=list(job.mean), std=list(job.std), thresholds=[float(t) for t in thresholds],
         config=plain_config(args), label_counts=job.counts, epoch=record["epoch"], val_map=val_map(job, record),
-        tta=bool(args.tta), backbone_reason=job.why)
+        tta=bool(args.tta), amp=bool(job.amp), backbone_reason=job.why)
     if improved:
         job.pending["best"] = checkpoint
     job.pending["last"] = dict(checkpoint, optimizer=job.optimizer.state_dict(), rng=rng_state(),

@@ -31,7 +31,7 @@ from dataset import load_dataset  # noqa: E402
 from feature_cache import cached_features  # noqa: E402
 from metrics import attribute_metrics  # noqa: E402
 from model import flip_tta, load_checkpoint, model_from_checkpoint  # noqa: E402
-from utils import Report, bf16_is_native  # noqa: E402
+from utils import Report  # noqa: E402
 
 LITE0 = ["--backbone", "efficientnet_lite0", "--weights", "imagenet"]
 TODAY = [*LITE0, "--image-size", "224", "--head", "linear", "--folds", "0", "--no-tta", "--thresholds", "tuned"]
@@ -92,9 +92,7 @@ def test_scores(model_path, labels, images, cache_dir):
         features, rows, ok = cached_features(
             model, paths, backbone=ckpt["backbone"], image_size=ckpt["image_size"], mean=ckpt["mean"],
             std=ckpt["std"], cache_dir=cache_dir, batch_size=32, num_workers=0, device=torch.device("cpu"),
-            amp=ckpt["config"].get("amp") == "on" or (ckpt["config"].get("amp") == "auto"
-                                                       and bf16_is_native(torch.device("cpu"))),
-            report=report, mirror=np.full(len(paths), tta))
+            amp=ckpt.get("amp", False), report=report, mirror=np.full(len(paths), tta))
     batches = FeatureBatches(features, rows, np.flatnonzero(ok), targets, batch_size=256, shuffle=False, seed=0,
                              both_views=tta)
     forward = flip_tta(model.head, features=True) if tta else model.head

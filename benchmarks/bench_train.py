@@ -323,7 +323,7 @@ def noise_floor(labels, images, args, cache_dir, seeds):
     maps = []
     for seed in seeds:
         model.head.load_state_dict(head0)
-        optimizer = train.make_optimizer(model, train.parse_args(["--lr", str(train.LR)]))
+        optimizer = train.make_optimizer(model.head, train.parse_args(["--lr", str(train.LR)]))
         loss_fn = make_loss("bce", pos_weight)
         batches = FeatureBatches(features, rows, train_idx, targets, batch_size=args.batch_size, shuffle=True,
                                  seed=seed)

@@ -82,3 +82,10 @@ def write_checkpoint(path, backbone="mobilenet_v3_large", image_size=64, seed=0,
                                     thresholds=[0.5, 0.45, 0.55, 0.5], config={"unfreeze": "none"}, epoch=1),
                     str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def lite0_cache(tmp_path_factory):
+    """One feature cache for the tests that use EfficientNet-Lite0 ImageNet features of the shipped sample at
+    224 px (test_audit.py, test_train.py): its 300 images are extracted once per session."""
+    return str(tmp_path_factory.mktemp("lite0_cache"))

@@ -73,11 +73,11 @@ def test_cli_writes_the_csv_and_the_suggested_labels_and_leaves_the_labels_file_
 
 
 @pytest.fixture(scope="module")
-def sample_features(tmp_path_factory):
+def sample_features(lite0_cache):
     """EfficientNet-Lite0 features (ImageNet weights, offline) of the shipped sample, view 0, 224 px."""
     args = audit.parse_args(["--labels", os.path.join(ROOT, "labels.txt"), "--images", os.path.join(ROOT, "images"),
-                             "--backbone", "efficientnet_lite0", "--num-workers", "0",
-                             "--cache-dir", str(tmp_path_factory.mktemp("lite0_cache"))])
+                             "--backbone", "efficientnet_lite0", "--num-workers", "0", "--image-size", "224",
+                             "--cache-dir", lite0_cache])
     _, _, targets, features, ok = audit.audit_features(args, Report())
     assert ok.all()
     return features, targets

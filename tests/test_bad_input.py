@@ -278,7 +278,8 @@ def sensitive_model(model_path, tmp_path_factory):
 
     ckpt = torch.load(model_path, map_location="cpu", weights_only=True)
     torch.manual_seed(0)
-    net = build_model("resnet50", len(ckpt["attributes"]), "none", image_size=ckpt["image_size"])
+    net = build_model("resnet50", len(ckpt["attributes"]), "none", image_size=ckpt["image_size"],
+                      head=ckpt["config"]["head"])
     path = str(tmp_path_factory.mktemp("sensitive") / "resnet50.pth")
     torch.save({**ckpt, "backbone": "resnet50", "model": net.state_dict()}, path)
     return path

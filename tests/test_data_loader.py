@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import data_loader
-from data_loader import GlobalBatchShard, make_loader, split_indices
+from data_loader import GlobalBatchShard, make_loader, refine, split_indices
 from dataset import ImageDataset, collate, eval_transform, train_transform
 from utils import UserError
 
@@ -235,3 +235,46 @@ def test_a_sharded_loader_splits_the_batches_of_the_one_process_loader():
     one, rank0, rank1 = order(None), order((0, 2)), order((1, 2))
     assert [len(b) for b in one] == [8, 8, 3]
     assert [a + b for a, b in zip(rank0, rank1)] == [whole[0::2] + whole[1::2] for whole in one]
+
+
+# ---- split_indices: compact targets and quality ----
+
+def test_split_takes_int8_targets_and_gives_what_int64_gives():
+    targets = random_targets(seed=3)
+    wide = split_indices(targets, 0.2, seed=5)
+    for compact in (targets.to(torch.int8), targets.numpy().astype(np.int8)):
+        train, val = split_indices(compact, 0.2, seed=5)
+        assert np.array_equal(train, wide[0]) and np.array_equal(val, wide[1])
+
+
+def test_greedy_pass_by_hand():
+    # One attribute, 5 positives then 5 negatives in the shuffled order, 2 of 10 rows to val. Labels tie at 5 rows:
+    # the positives go first. Wants: train 4, val 1: train, train, train (wants 1 and 1: train has more room),
+    # then val (wants 1 > 0). The negatives, rooms now 4 and 1, go the same way: one of each in val.
+    targets = np.array([[1]] * 5 + [[0]] * 5, dtype=np.int8)
+    train, val = split_indices(targets, 0.2, seed=0)
+    assert len(val) == 2 and sorted(targets[val, 0].tolist()) == [0, 1]
+
+
+def test_split_of_a_medium_set_puts_every_label_at_its_share_rounded():
+    # 5000 rows, 16 attributes from 50% down to 5.4% positive, 10% NA: every label (attribute known positive,
+    # known negative) gets round(0.2 * its total) rows in val, the best an integer count can do.
+    rng = np.random.default_rng(0)
+    t = (rng.random((5000, 16)) < 0.5 / np.arange(1, 17) ** 0.8).astype(np.int8)
+    t[rng.random((5000, 16)) < 0.1] = -1
+    train, val = split_indices(t, 0.2, seed=0)
+    assert len(val) == 1000
+    for value in (1, 0):
+        total, in_val = (t == value).sum(0), (t[val] == value).sum(0)
+        assert np.array_equal(in_val, np.round(0.2 * total))
+
+
+def test_refine_makes_many_swaps_a_round_once_the_single_swap_rounds_are_spent():
+    # 500 positives and 500 negatives; val (200 rows) starts with 200 positives, where 100 is its share. One swap
+    # per round would need 100 rounds; after 3 such rounds, rounds of many swaps reach 100 / 100 exactly.
+    t = np.array([[1]] * 500 + [[0]] * 500, dtype=np.int8)
+    part = np.zeros(1000, dtype=np.int8)
+    part[:200] = 1
+    part = refine(t, part, np.random.default_rng(0), rounds=3)
+    assert (part == 1).sum() == 200
+    assert (t[part == 1, 0] == 1).sum() == 100 and (t[part == 1, 0] == 0).sum() == 100

@@ -5,6 +5,7 @@ import resource
 import struct
 import tempfile
 import zlib
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -43,9 +44,9 @@ def test_four_columns_spaces_tabs_and_na_spellings(tmp_path):
     assert isinstance(table, LabelTable)
     assert table.attributes == ["Attr1", "Attr2", "Attr3", "Attr4"]
     assert table.names == ["a.jpg", "b.jpg", "c.jpg"]
-    assert table.targets == [[1, 0, -1, 1], [0, 1, -1, 0], [-1, 1, 0, -1]]
+    assert table.targets.tolist() == [[1, 0, -1, 1], [0, 1, -1, 0], [-1, 1, 0, -1]]
     assert NA == -1
-    assert table.lines == [1, 2, 3]
+    assert table.lines.tolist() == [1, 2, 3]
     assert report.total == 0 and messages(report) == []
 
 
@@ -56,7 +57,7 @@ def test_number_of_attributes_comes_from_the_value_columns(tmp_path, k):
                    for i, row in enumerate(rows))
     table = parse_labels(write(tmp_path, text), quiet())
     assert table.attributes == [f"Attr{i + 1}" for i in range(k)]
-    assert table.targets == rows
+    assert table.targets.tolist() == rows
     assert table.names == ["img0.png", "img1.png", "img2.png"]
 
 
@@ -67,15 +68,15 @@ def test_header_names_the_attributes(tmp_path):
     table = parse_labels(path, quiet())
     assert table.attributes == ["long", "dark", "patterned", "logo"]
     assert table.names == ["a.jpg", "b.jpg"]
-    assert table.targets == [[1, 0, -1, 1], [0, 0, 1, 0]]
-    assert table.lines == [2, 3]
+    assert table.targets.tolist() == [[1, 0, -1, 1], [0, 0, 1, 0]]
+    assert table.lines.tolist() == [2, 3]
 
 
 def test_header_naming_only_the_attributes_is_recognised(tmp_path):
     # `Attr1 Attr2` over rows of three fields: the header has no cell for the image column.
     table = parse_labels(write(tmp_path, "sleeves colour\na.jpg 1 0\nb.jpg NA 1\n"), Report())
     assert table.attributes == ["sleeves", "colour"]
-    assert table.targets == [[1, 0], [NA, 1]]
+    assert table.targets.tolist() == [[1, 0], [NA, 1]]
 
 
 def test_header_repeating_a_name_is_an_error(tmp_path):
@@ -91,7 +92,7 @@ def test_first_data_line_with_one_bad_cell_is_not_a_header(tmp_path):
     table = parse_labels(path, report)
     assert table.attributes == ["Attr1", "Attr2", "Attr3", "Attr4"]
     assert table.names == ["img.jpg", "b.jpg"]
-    assert table.targets == [[NA, 0, 1, NA], [1, 1, 0, 0]]
+    assert table.targets.tolist() == [[NA, 0, 1, NA], [1, 1, 0, 0]]
     assert report.counts == {"bad value": 1}
 
 
@@ -110,8 +111,8 @@ def test_crlf_trailing_space_blank_lines_comments_and_bom(tmp_path):
     table = parse_labels(write(tmp_path, content), report)
     assert table.attributes == ["A", "B", "C", "D"]
     assert table.names == ["a.jpg", "b.jpg"]
-    assert table.targets == [[1, 0, NA, 1], [0, 1, 1, 0]]
-    assert table.lines == [5, 8]
+    assert table.targets.tolist() == [[1, 0, NA, 1], [0, 1, 1, 0]]
+    assert table.lines.tolist() == [5, 8]
     assert report.total == 0
 
 
@@ -130,8 +131,8 @@ def test_bad_cell_warns_with_file_line_and_cell_and_becomes_na(tmp_path):
     report = quiet()
     table = parse_labels(path, report)
     assert table.names == ["a.jpg", "b.jpg", "c.jpg"]
-    assert table.targets[1] == [0, NA, 1, 0]
-    assert table.targets[2] == [1, 1, 1, 1]
+    assert table.targets[1].tolist() == [0, NA, 1, 0]
+    assert table.targets[2].tolist() == [1, 1, 1, 1]
     (line,) = messages(report)
     assert line.startswith("warning: ")
     assert f"{path}:2:" in line
@@ -174,7 +175,7 @@ def test_duplicate_image_warns_and_keeps_the_first(tmp_path):
     report = quiet()
     table = parse_labels(path, report)
     assert table.names == ["a.jpg", "b.jpg"]
-    assert table.targets == [[1, 0], [0, 0]]
+    assert table.targets.tolist() == [[1, 0], [0, 0]]
     (line,) = messages(report)
     assert line.startswith("warning: ") and f"{path}:3:" in line and "a.jpg" in line and "line 1" in line
     assert report.counts == {"duplicate image": 1}
@@ -187,7 +188,7 @@ def test_line_that_is_not_utf8_warns_and_the_rest_is_kept(tmp_path):
     report = quiet()
     table = parse_labels(path, report)
     assert table.names == ["a.jpg", "c.jpg"]
-    assert table.lines == [1, 3]
+    assert table.lines.tolist() == [1, 3]
     (line,) = messages(report)
     assert line.startswith("warning: ") and f"{path}:2:" in line and "UTF-8" in line
     assert report.counts == {"not UTF-8": 1}
@@ -202,8 +203,8 @@ def test_missing_image_on_disk_warns_and_is_skipped(tmp_path):
     report = quiet()
     table = dataset.drop_missing_images(parse_labels(path, report), str(images), report)
     assert table.names == ["a.jpg", "c.jpg"]
-    assert table.targets == [[1, 0], [1, 1]]
-    assert table.lines == [1, 3]
+    assert table.targets.tolist() == [[1, 0], [1, 1]]
+    assert table.lines.tolist() == [1, 3]
     (line,) = messages(report)
     assert line.startswith("warning: ") and f"{path}:2:" in line and os.path.join(str(images), "b.jpg") in line
     assert report.counts == {"image not found": 1}
@@ -220,7 +221,7 @@ def test_utf16_file_is_read_or_refused_clearly(tmp_path):
         return
     assert table.attributes == ["A", "B"]
     assert table.names == ["a.jpg", "b.jpg"]
-    assert table.targets == [[1, 0], [0, NA]]
+    assert table.targets.tolist() == [[1, 0], [0, NA]]
 
 
 def test_report_counts_every_reason(tmp_path):
@@ -244,7 +245,7 @@ def test_report_counts_every_reason(tmp_path):
     assert len(messages(report)) == 7
     assert table.names == ["a.jpg", "b.jpg", "d.jpg", "f.jpg"]
     assert paths == [os.path.join(str(images), n) for n in table.names]
-    assert targets.dtype == torch.long
+    assert targets.dtype == torch.int8  # compact from the parser to the batch
     assert targets.tolist() == [[1, 0, 1], [1, NA, 1], [NA, 0, NA], [0, 0, 0]]
 
 
@@ -279,7 +280,7 @@ def test_strict_missing_image_is_an_error(tmp_path):
 
 def test_strict_without_problems_parses_normally(tmp_path):
     table = parse_labels(write(tmp_path, "a.jpg 1 NA\n"), Report(strict=True))
-    assert table.targets == [[1, NA]]
+    assert table.targets.tolist() == [[1, NA]]
 
 
 # ---------------------------------------------------------------- labels file: errors
@@ -342,7 +343,8 @@ def _check_parse(content, strict):
     assert k >= 1
     assert len(table.names) == len(table.targets) == len(table.lines)
     assert len(set(table.names)) == len(table.names)
-    for row in table.targets:
+    assert table.targets.dtype == np.int8 and table.targets.shape == (len(table.names), k)
+    for row in table.targets.tolist():
         assert len(row) == k and set(row) <= {1, 0, NA}
 
 
@@ -615,3 +617,145 @@ def test_list_images_finds_image_files_sorted(tmp_path):
 def test_label_counts_by_hand():
     t = torch.tensor([[1, 0, NA], [1, NA, NA], [0, 0, 1]])
     assert dataset.label_counts(t) == {"positive": [2, 0, 1], "negative": [1, 2, 0], "na": [0, 1, 2]}
+
+
+# ---------------------------------------------------------------- labels file: compact and streaming
+
+def reference_parse(path):
+    """The parser as it was before it streamed (a whole-file read, Python lists): the oracle the streaming one must
+    match line for line. Returns (attributes, names, targets, lines, messages) or the UserError's text."""
+    report = quiet()
+    raw = open(path, "rb").read()
+    try:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raw = raw.decode("utf-16").encode("utf-8")
+    except UnicodeDecodeError:
+        return "UTF-16"
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    content = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+            assert "\x00" not in text
+        except (UnicodeDecodeError, AssertionError):
+            report.warn("not UTF-8", f"{path}:{number}: line is not UTF-8 text, skipped (save the file as UTF-8)")
+            continue
+        if text.strip() and not text.strip().startswith("#"):
+            content.append((number, text.split()))
+    if not content:
+        return "no labels"
+    value = {"1": 1, "0": 0, "na": NA}
+    first = content[0][1]
+    if len(first) > 1 and all(c.lower() not in value for c in first[1:]):
+        widths = Counter(len(f) for _, f in content[1:])
+        attributes = first if widths and widths.most_common(1)[0][0] == len(first) + 1 else first[1:]
+        if len(set(attributes)) != len(attributes):
+            return "repeats"
+        content = content[1:]
+    else:
+        counts = Counter(len(f) for _, f in content if len(f) > 1)
+        if not counts:
+            return "no line has attribute values"
+        attributes = [f"Attr{i + 1}" for i in range(max(counts, key=lambda n: (counts[n], n)) - 1)]
+    names, targets, lines, seen = [], [], [], {}
+    for number, fields in content:
+        if len(fields) != len(attributes) + 1:
+            report.warn("wrong field count", f"{path}:{number}: expected an image name and {len(attributes)} values, "
+                                             f"found {len(fields)} fields; line skipped")
+            continue
+        same = os.path.normpath(fields[0])
+        if same in seen:
+            report.warn("duplicate image", f"{path}:{number}: {fields[0]} already listed on line {seen[same]}; "
+                                           f"the first is kept")
+            continue
+        row = []
+        for attribute, cell in zip(attributes, fields[1:]):
+            if cell.lower() not in value:
+                report.warn("bad value",
+                            f"{path}:{number}: {attribute} value {cell!r} is not 1, 0 or NA; treated as NA")
+            row.append(value.get(cell.lower(), NA))
+        seen[same] = number
+        names.append(fields[0]), targets.append(row), lines.append(number)
+    return attributes, names, targets, lines, messages(report)
+
+
+def streamed(path):
+    report = quiet()
+    try:
+        table = parse_labels(path, report)
+    except UserError as e:
+        return next(s for s in ("UTF-16", "no labels", "repeats", "no line has attribute values") if s in str(e))
+    return table.attributes, list(table.names), table.targets.tolist(), table.lines.tolist(), messages(report)
+
+
+MIXED = (b"# exported\r\n"
+         b"a.jpg 1 0 NA\r\n"
+         b"b.jpg\t0\x1c1 nA\n"          # \x1c is whitespace to str.split()
+         b"caf\xc3\xa9.jpg 1 x 0\n"     # UTF-8, not ASCII: the Python path
+         b"\xff.jpg 1 1 1\n"            # not UTF-8
+         b"./a.jpg 0 0 0\n"             # duplicate of a.jpg
+         b"d.jpg 1 0\n"                 # wrong field count
+         b"e.jpg 1mobilenet Na 0\n"
+         b"f\x07.jpg 1 1 1\n"           # a control byte that is not whitespace: the Python path
+         b"  \n"
+         b"g.jpg 0 1 1")                # no newline at the end
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 22, 7, 40, 64])
+def test_streaming_matches_a_whole_file_read_at_any_chunk_size(tmp_path, monkeypatch, chunk_bytes):
+    monkeypatch.setattr(dataset, "CHUNK_BYTES", chunk_bytes)
+    path = write(tmp_path, MIXED)
+    attributes, names, targets, lines, said = streamed(path)
+    assert (attributes, names, targets, lines, said) == reference_parse(path)
+    assert names == ["a.jpg", "b.jpg", "café.jpg", "e.jpg", "f\x07.jpg", "g.jpg"]
+    assert targets == [[1, 0, NA], [0, 1, NA], [1, NA, 0], [NA, NA, 0], [1, 1, 1], [0, 1, 1]]
+    assert lines == [2, 3, 4, 8, 9, 11]
+    # Not UTF-8 first, then each line's own in order: x, the duplicate, the short line, 1mobilenet.
+    assert [m.split(": ")[1] for m in said] == [f"{path}:{n}" for n in (5, 4, 6, 7, 8)]
+
+
+def test_k_decided_by_the_whole_file_when_the_first_chunk_disagrees(tmp_path, monkeypatch):
+    # The first chunk has only 2-value lines; most lines of the file have 3: K is 3 and the early lines are wrong.
+    monkeypatch.setattr(dataset, "CHUNK_BYTES", 32)
+    path = write(tmp_path, "a.jpg 1 0\nb.jpg 0 1\n" + "".join(f"r{i}.jpg 1 0 NA\n" for i in range(3)))
+    attributes, names, targets, lines, said = streamed(path)
+    assert (attributes, names, targets, lines, said) == reference_parse(path)
+    assert attributes == ["Attr1", "Attr2", "Attr3"]
+    assert names == ["r0.jpg", "r1.jpg", "r2.jpg"] and targets == [[1, 0, NA]] * 3
+    assert len(said) == 2 and "found 3 fields" in said[0] and f"{path}:1:" in said[0]
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(TOKENS + ["c.jpg", "./a.jpg", "\x1c", "\x07", "N", "A"]), max_size=80).map("".join),
+       st.sampled_from([1 << 22, 5, 23]))
+def test_any_text_parses_as_a_whole_file_read_does(tmp_path, text, chunk_bytes):
+    path = write(tmp_path, text.encode("utf-8"))
+    dataset.CHUNK_BYTES, saved = chunk_bytes, dataset.CHUNK_BYTES
+    try:
+        assert streamed(path) == reference_parse(path)
+    finally:
+        dataset.CHUNK_BYTES = saved
+
+
+def test_targets_lines_and_names_are_compact(tmp_path):
+    table = parse_labels(write(tmp_path, "a.jpg 1 0 NA\nsub/b.jpg 0 NA 1\n"), quiet())
+    assert table.targets.dtype == np.int8 and table.targets.flags.c_contiguous
+    assert table.targets.tolist() == [[1, 0, -1], [0, -1, 1]]
+    assert table.lines.dtype == np.int64 and table.lines.tolist() == [1, 2]
+    names = table.names
+    assert isinstance(names, dataset.Names) and names.blob == b"a.jpg\nsub/b.jpg"  # one blob, not str objects
+    assert (len(names), names[0], names[1], names[-1]) == (2, "a.jpg", "sub/b.jpg", "sub/b.jpg")
+    assert names == ["a.jpg", "sub/b.jpg"] and names.take([1]) == ["sub/b.jpg"]
+    with pytest.raises(IndexError):
+        names[2]
+
+
+def test_load_dataset_gives_int8_targets_that_share_the_parsed_array(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (4, 4)).save(images / name)
+    table, paths, targets = dataset.load_dataset(write(tmp_path, "a.jpg 1 NA\nb.jpg 0 1\n"), str(images), quiet())
+    assert targets.dtype == torch.int8 and targets.tolist() == [[1, NA], [0, 1]]
+    assert targets.numpy().base is not None and np.shares_memory(targets.numpy(), table.targets)  # no copy

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from loss import MaskedAsymmetric, MaskedBCE, MaskedFocal, make_loss, pos_weights
+from loss import LOSSES, MaskedAsymmetric, MaskedBCE, MaskedFocal, make_loss, pos_weights
 
 
 def softplus(z):  # -log(sigmoid(-z)); so -log(sigmoid(x)) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x)
@@ -201,3 +201,14 @@ def test_make_loss_names():
     assert asl.pos_weight.tolist() == [1.0, 2.0]
     with pytest.raises(ValueError, match="bce, focal, asymmetric"):
         make_loss("mse", pw)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_int8_targets_give_the_loss_and_pos_weights_of_int64(name):
+    # The parser keeps targets int8 (1, 0, -1) up to the batch; nothing may read them as bytes or unsigned.
+    targets = torch.tensor([[1, 0, -1], [0, -1, 1], [1, 1, 0], [-1, 0, 0]])
+    logits = torch.tensor([[2.0, -1.0, 30.0], [0.5, -40.0, 1.5], [-0.3, 0.2, 0.1], [1.0, -2.0, 0.7]])
+    weights, problems = pos_weights(targets.to(torch.int8))
+    assert weights.tolist() == pos_weights(targets)[0].tolist() == [0.5, 2.0, 2.0]  # neg/pos: 1/2, 2/1, 2/1
+    loss = make_loss(name, weights)
+    assert torch.equal(loss(logits, targets.to(torch.int8)), loss(logits, targets))

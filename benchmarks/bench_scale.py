@@ -1,0 +1,267 @@
+"""Large label sets: time and peak memory of each stage before the model, at iMaterialist (1M x 228) and
+DeepFashion (289k x 1,000) sizes, for the code as it is and, where cheap, as it was (commit BEFORE).
+
+    python benchmarks/bench_scale.py                        # 10k..1M x 4, 228, 1,000 (minutes; 1M rows last)
+    python benchmarks/bench_scale.py --sizes 10000x228 100000x228 --before   # also today's code at those sizes
+
+Synthetic labels: K attributes with positive rates 0.5 / k^0.9 (floor 0.07%, iMaterialist's long tail), 10% NA,
+written once into --work (kept between runs), with a folder of hard links to one small JPEG for the end-to-end
+stage. Each stage runs in a fresh process and reports its own peak resident memory (ru_maxrss), imports included,
+so stages do not pollute each other.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+STARTED = time.time()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+BEFORE = "adff766"  # the last commit with the list-based parser and the float64 refinement
+SIZES = ["10000x4", "10000x228", "100000x228", "1000000x4", "10000x1000", "100000x1000", "289000x1000",
+         "1000000x228"]
+QUOTED = {  # the issue's measurements of the code before (same machine class), where re-running costs too much
+    (1_000_000, 228): "before: about 180 s, 12.9 GB peak (issue 14)",
+    (289_000, 1000): "before: about 6 min, 15.5 GB (issue 14)",
+}
+
+
+def synthetic_targets(n, k, seed=0, na=0.1):
+    rng = np.random.default_rng(seed)
+    rate = np.clip(0.5 / np.arange(1, k + 1) ** 0.9, 0.0007, 0.5).astype(np.float32)
+    t = np.empty((n, k), dtype=np.int8)
+    for s in range(0, n, 50_000):  # in blocks: a float32 (1M, 1,000) draw alone would take 4 GB
+        r = rng.random((min(n - s, 50_000), k), dtype=np.float32)
+        t[s:s + len(r)] = r < rate
+        t[s:s + len(r)][rng.random(r.shape, dtype=np.float32) < na] = -1
+    return t
+
+
+def write_labels_file(path, t):
+    cells = np.array([b"NA", b"0", b"1"])
+    with open(path + ".tmp", "wb") as f:
+        for s in range(0, len(t), 20_000):
+            f.write(b"".join(b"img_%07d.jpg " % (s + i) + b" ".join(cells[row + 1]) + b"\n"
+                             for i, row in enumerate(t[s:s + 20_000])))
+    os.replace(path + ".tmp", path)
+
+
+def prepare(work, n, k):
+    """labels_{n}x{k}.txt, its targets as .npy, and images/ with at least n hard links to one JPEG."""
+    labels = os.path.join(work, f"labels_{n}x{k}.txt")
+    if not os.path.exists(labels):
+        t = synthetic_targets(n, k)
+        np.save(labels + ".npy", t)
+        write_labels_file(labels, t)
+    images = os.path.join(work, "images")
+    os.makedirs(images, exist_ok=True)
+    have = len(os.listdir(images))
+    for i in range(have, n):
+        one = os.path.join(work, f"one_{i // 60_000}.jpg")  # ext4 allows 65,000 links to one file
+        if not os.path.exists(one):
+            from PIL import Image
+            Image.new("RGB", (64, 64), (120, 60, 30)).save(one)
+        os.link(one, os.path.join(images, f"img_{i:07d}.jpg"))
+    return labels, images
+
+
+def before_modules(work):
+    """dataset.py and data_loader.py of commit BEFORE, importable as before_dataset / before_data_loader."""
+    folder = os.path.join(work, "before")
+    os.makedirs(folder, exist_ok=True)
+    for name in ("dataset", "data_loader"):
+        path = os.path.join(folder, f"before_{name}.py")
+        if not os.path.exists(path):
+            text = subprocess.run(["git", "show", f"{BEFORE}:{name}.py"], cwd=ROOT, check=True, capture_output=True,
+                                  text=True).stdout
+            with open(path, "w") as f:
+                f.write(text.replace("from dataset import", "from before_dataset import"))
+    sys.path.insert(0, folder)
+
+
+def worst_deviation(t, val):
+    """Worst label's relative deviation of its val count from its share (share x total), and in rows."""
+    from data_loader import label_counts_of
+
+    total, in_val = label_counts_of(t), label_counts_of(t[val])
+    share = len(val) / len(t)
+    off = np.abs(in_val - share * total)[total > 0]
+    return float((off / (share * total[total > 0])).max()), float(off.max())
+
+
+# ---- the stages, each run in a child process ----
+
+def stage_start_to_first_image(a, before):
+    """train.py's setup up to the first image read: parse, existence check, split, pos_weight, counts."""
+    from utils import Report
+    report = Report(stream=open(os.devnull, "w"))
+    if before:
+        before_modules(a.work)
+        import before_data_loader
+        import before_dataset
+        from loss import pos_weights
+        from utils import keep_freed_memory
+        import torch
+        keep_freed_memory(torch.device("cpu"))  # as train.setup did: before the labels
+        table, paths, targets = before_dataset.load_dataset(a.labels, a.images, report)
+        train_idx, val_idx = before_data_loader.split_indices(targets, 0.2, 0)
+        pos_weights(targets[train_idx])
+        before_dataset.label_counts(targets)
+        before_dataset.load_image(paths[train_idx[0]])
+    else:
+        import train
+        from dataset import load_image
+        args = train.parse_args(["--labels", a.labels, "--images", a.images])
+        table, paths, targets, train_idx, val_idx, *_ = train.load_data(args, report)
+        load_image(paths[train_idx[0]])
+    return {"seconds": time.time() - STARTED, "cpu": time.process_time()}
+
+
+def stage_parse(a, before):
+    if before:
+        before_modules(a.work)
+        from before_dataset import parse_labels
+    else:
+        from dataset import parse_labels
+    started, cpu = time.time(), time.process_time()
+    parse_labels(a.labels)
+    return {"seconds": time.time() - started, "cpu": time.process_time() - cpu}
+
+
+def stage_split(a, before):
+    import torch
+    t = np.load(a.labels + ".npy")
+    if before:
+        before_modules(a.work)
+        from before_data_loader import split_indices
+        targets = torch.from_numpy(t.astype(np.int64))  # what the parser gave it
+    else:
+        from data_loader import split_indices
+        targets = torch.from_numpy(t)
+    started, cpu = time.time(), time.process_time()
+    _, val = split_indices(targets, 0.2, 0)
+    seconds, cpu = time.time() - started, time.process_time() - cpu
+    relative, rows = worst_deviation(t, val)
+    return {"seconds": seconds, "cpu": cpu, "note": f"worst label {100 * relative:.2f}% ({rows:.1f} rows) off"}
+
+
+def validation_scores(n, k):
+    t = synthetic_targets(n, k, seed=1)
+    scores = np.random.default_rng(2).standard_normal((n, k), dtype=np.float32)
+    scores += 1.5 * (t == 1)  # in place: the scores are the one big array a real run holds here too
+    np.negative(scores, out=scores)
+    np.exp(scores, out=scores)
+    scores += 1
+    return np.reciprocal(scores, out=scores), t
+
+
+def stage_metrics(a, before):
+    from metrics import attribute_metrics, macro_f1
+    scores, y = validation_scores(a.n, a.k)
+    attributes = [f"Attr{i + 1}" for i in range(a.k)]
+    started, cpu = time.time(), time.process_time()
+    result = attribute_metrics(scores, y, None, attributes)
+    macro_f1(scores, y, [0.5] * a.k)
+    return {"seconds": time.time() - started, "cpu": time.process_time() - cpu, "note": f"mAP {result['map']:.3f}"}
+
+
+def stage_figure(a, before):
+    from figures import metrics_figure, save_figure
+    scores, y = validation_scores(a.n, a.k)
+    attributes = [f"Attr{i + 1}" for i in range(a.k)]
+    rng = np.random.default_rng(3)
+    history = [{"epoch": e + 1, "map": 0.5 + e / 100, "ap": (0.4 + 0.5 * rng.random(a.k)).tolist()} for e in range(30)]
+    started, cpu = time.time(), time.process_time()
+    save_figure(metrics_figure(history, scores, y, [0.5] * a.k, attributes), os.path.join(a.work, "metrics.png"))
+    return {"seconds": time.time() - started, "cpu": time.process_time() - cpu}
+
+
+def stage_import(a, before):
+    import train  # noqa: F401
+    return {"seconds": time.time() - STARTED, "cpu": time.process_time()}
+
+
+STAGES = {"import train": stage_import, "start to first image": stage_start_to_first_image, "parse": stage_parse,
+          "split": stage_split,
+          "per-epoch metrics": stage_metrics, "metrics.png": stage_figure}
+
+
+def child(a):
+    result = STAGES[a.stage](a, a.before)
+    result["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    print(json.dumps(result))
+
+
+def run_stage(a, stage, n, k, before=False, labels="", images=""):
+    command = [sys.executable, os.path.abspath(__file__), "--child", "--stage", stage, "--n", str(n), "--k", str(k),
+               "--work", a.work, "--labels", labels, "--images", images] + (["--before"] if before else [])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=a.timeout)
+    if done.returncode:
+        return {"seconds": None, "peak_gb": None, "note": done.stderr.strip().splitlines()[-1][:80]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", nargs="+", default=SIZES, help="NxK, e.g. 1000000x228")
+    p.add_argument("--before", action="store_true", help=f"also run the code of {BEFORE} (up to --before-max rows)")
+    p.add_argument("--before-max", type=int, default=100_000)
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_scale"),
+                   help="generated files (GBs at 1M rows), kept between runs")
+    p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument("--stages", nargs="+", default=["start to first image", "parse", "split"],
+                   help="of the label stages: 'start to first image' parse split")
+    p.add_argument("--no-figures", action="store_true", help="skip the metrics rows (200k and 1M x 228)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stage", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--k", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--labels", help=argparse.SUPPRESS)
+    p.add_argument("--images", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        return child(a)
+    from common import cpu_model, fmt, table
+
+    os.makedirs(a.work, exist_ok=True)
+    rows = []
+
+    def add(stage, n, k, labels="", images=""):
+        now = run_stage(a, stage, n, k, labels=labels, images=images)
+        old = run_stage(a, stage, n, k, True, labels, images) if a.before and n <= a.before_max and \
+            stage in ("start to first image", "parse", "split") else {}
+        note = now.get("note", "") + "; "
+        if old:
+            note += f"before: {fmt(old['seconds'], '.1f')} s ({fmt(old.get('cpu'), '.1f')} cpu s), " \
+                    f"{fmt(old['peak_gb'], '.2f')} GB" \
+                    f"{', ' + old['note'] if old.get('note') else ''}"
+        elif (n, k) in QUOTED and stage == "start to first image":
+            note += QUOTED[(n, k)]
+        rows.append([stage, f"{n:,} x {k:,}", fmt(now["seconds"], ".1f"), fmt(now.get("cpu"), ".1f"),
+                     fmt(now["peak_gb"], ".2f"), note.strip("; ")])
+        print("  ".join(rows[-1]), flush=True)
+
+    print(f"{cpu_model()}, {os.cpu_count()} cores; peak = the stage's process, imports included "
+          f"(import train alone: {run_stage(a, 'import train', 0, 0)['peak_gb']:.2f} GB)", flush=True)
+    for size in a.sizes:
+        n, k = map(int, size.split("x"))
+        labels, images = prepare(a.work, n, k)
+        for stage in a.stages:
+            add(stage, n, k, labels, images)
+    if not a.no_figures:
+        add("per-epoch metrics", 200_000, 228)
+        add("metrics.png", 200_000, 228)
+        add("metrics.png", 1_000_000, 228)
+    print()
+    print(table(["stage", "N x K", "wall s", "cpu s", "peak GB", "notes"], rows, ["<", ">", ">", ">", ">", "<"]))
+
+
+if __name__ == "__main__":
+    main()
