@@ -114,10 +114,9 @@ def load_torch(args):
         raise UserError(f"{args.model}: a PyTorch checkpoint needs torch (pip install -r requirements.txt); "
                         f"or export it with `python export.py {args.model}` and give the .onnx") from None
 
+    import distributed
     from dataset import eval_transform
     from model import load_checkpoint, model_from_checkpoint
-
-    import distributed
 
     ckpt = load_checkpoint(args.model)
     device = distributed.local_device(pick_device(args.device))
