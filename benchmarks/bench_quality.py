@@ -54,6 +54,10 @@ RECIPES = {
                                  "0.5"], False),
     "i": ("g2 at 320 px", [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "320", "--head", "mlp",
                            "--dropout", "0.2"], False),
+    "j": ("g2 with up to 60 epochs", [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "288", "--head",
+                                      "mlp", "--dropout", "0.2", "--epochs", "60"], False),
+    "k": ("g2 + flip TTA", [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "288", "--head", "mlp",
+                            "--dropout", "0.2", "--tta"], False),
     "default": ("the default command, offline (no flags)", [], False),
 }
 
