@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import audit
+import train
 from data_loader import FeatureBatches
 from dataset import label_counts, load_dataset, load_image
 from metrics import NO_POSITIVES, attribute_metrics
@@ -35,7 +36,6 @@ SUSPECTS = 12  # label-audit suspects shown
 NA_SHOWN = 12  # NA suggestions shown (the most confident)
 THUMB = 128  # long side of a thumbnail, pixels
 JPEG_QUALITY = 80
-CACHE_DIR = ".feature_cache"
 
 
 def parse_args(argv=None):
@@ -50,7 +50,7 @@ def parse_args(argv=None):
                         "whose model trained on every row)")
     p.add_argument("--metrics", help="metrics.json of the run, for the loss per epoch (default: beside --model)")
     p.add_argument("--folds", type=int, default=audit.FOLDS, help="heads of the label audit")
-    p.add_argument("--cache-dir", default=CACHE_DIR, help="feature cache folder (shared with train.py)")
+    p.add_argument("--cache-dir", default=train.CACHE_DIR, help="feature cache folder (shared with train.py)")
     p.add_argument("--no-cache", action="store_true", help="keep extracted features in memory only")
     p.add_argument("--strict", action="store_true", help="every warning about the input is an error")
     add_runtime_flags(p, num_workers="auto")
