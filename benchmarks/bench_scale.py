@@ -210,7 +210,7 @@ def run_stage(a, stage, n, k, before=False, labels="", images=""):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", nargs="+", default=SIZES, help="NxK, e.g. 1000000x228")
+    p.add_argument("--sizes", nargs="*", default=SIZES, help="NxK, e.g. 1000000x228; none: only the metrics rows")
     p.add_argument("--before", action="store_true", help=f"also run the code of {BEFORE} (up to --before-max rows)")
     p.add_argument("--before-max", type=int, default=100_000)
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_scale"),

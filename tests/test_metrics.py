@@ -223,6 +223,27 @@ def test_precision_recall_curve_hand_computed_and_none_without_positives():
 
 # ---- format_table / to_json ----
 
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.booleans()), min_size=1, max_size=40),
+       st.sampled_from([np.float32, np.float64, np.int64]))
+def test_precision_recall_curve_equals_sklearns(pairs, dtype):
+    # Ours is one sort in the scores' own dtype; scikit-learn's is a float64 mergesort. Same arrays, ties included.
+    s = np.array([v for v, _ in pairs]).astype(dtype) / (30 if dtype != np.int64 else 1)
+    y = np.array([p for _, p in pairs])
+    if not y.any():
+        assert precision_recall_curve(s, y) is None
+        return
+    ours, theirs = precision_recall_curve(s, y), skm.precision_recall_curve(y, s.astype(np.float64))
+    for a, b in zip(ours, theirs):
+        assert a.dtype == np.float64 and np.array_equal(a, b)
+
+
+def test_float32_scores_one_ulp_apart_stay_two_cuts():
+    s = np.array([0.5, np.nextafter(np.float32(0.5), np.float32(1))], dtype=np.float32)
+    precision, recall, cuts = precision_recall_curve(s, np.array([False, True]))
+    assert len(cuts) == 2 and precision.tolist() == [0.5, 1.0, 1.0] and recall.tolist() == [1.0, 1.0, 0.0]
+
 def test_format_table_and_to_json():
     scores = np.array([[0.9, 0.2, 0.7], [0.4, 0.6, 0.1], [0.8, 0.3, 0.9]])
     targets = np.array([[1, 0, -1], [0, 1, 0], [1, 0, -1]])
