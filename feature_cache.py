@@ -279,12 +279,19 @@ class FeatureStore:
         return np.memmap(self.data_path, dtype=np.float32, mode="r", shape=(n, 2, self.dim))
 
 
-def extract(model, paths, *, image_size, mean, std, batch_size, num_workers, device, amp, views=(0, 1)):
-    """Yield (indices, features (b, len(views), D), errors) over paths: view 0 as is, view 1 mirrored."""
+def folded_backbone(model):
+    model.eval()  # the backbone's BatchNorm must use, never update, its running statistics
+    return fold_batchnorm(model.backbone).to(memory_format=torch.channels_last)
+
+
+def extract(model, paths, *, image_size, mean, std, batch_size, num_workers, device, amp, views=(0, 1),
+            backbone=None):
+    """Yield (indices, features (b, len(views), D), errors) over paths: view 0 as is, view 1 mirrored.
+    backbone: folded_backbone(model), from a caller that extracts more than once (folding traces the model:
+    0.1-0.3 s, more than a small extraction)."""
     dataset = ImageDataset(paths, None, eval_transform(image_size, mean, std))
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
-    model.eval()  # the backbone's BatchNorm must use, never update, its running statistics
-    backbone = fold_batchnorm(model.backbone).to(memory_format=torch.channels_last)
+    backbone = folded_backbone(model) if backbone is None else backbone
     with torch.inference_mode():
         for indices, images, errors in loader:
             if images is None:
@@ -408,6 +415,8 @@ def _extract_into(store, jobs, *, model, paths, keys, rows, ok, report, should_s
     the index every 30 s, so an interrupted extraction keeps what it did. Fills rows and ok in place."""
     last_index_write = time.time()
     bar = Progress(sum(len(todo) for todo, _, _ in jobs), "extract")
+    if any(len(todo) for todo, _, _ in jobs):
+        settings["backbone"] = folded_backbone(model)  # once for every job
     for todo, views, store_fn in jobs:
         if not len(todo) or should_stop():
             continue

@@ -74,9 +74,9 @@ def test_cli_writes_the_csv_and_the_suggested_labels_and_leaves_the_labels_file_
 
 @pytest.fixture(scope="module")
 def sample_features(lite0_cache):
-    """EfficientNet-Lite0 features (ImageNet weights, offline) of the shipped sample, view 0, 224 px."""
+    """EfficientNet-Lite0 features (ImageNet weights, offline) of the shipped sample, view 0, 160 px."""
     args = audit.parse_args(["--labels", os.path.join(ROOT, "labels.txt"), "--images", os.path.join(ROOT, "images"),
-                             "--backbone", "efficientnet_lite0", "--num-workers", "0", "--image-size", "224",
+                             "--backbone", "efficientnet_lite0", "--num-workers", "0", "--image-size", "160",
                              "--cache-dir", lite0_cache])
     _, _, targets, features, ok = audit.audit_features(args, Report())
     assert ok.all()
@@ -85,7 +85,8 @@ def sample_features(lite0_cache):
 
 def test_flipped_labels_of_the_sample_set_are_found(sample_features):
     """5% of the known cells flipped (seeded): at least 80% of them must be among the top 2 x (number flipped)
-    suspects. Measured: 0.96, 1.00, 0.96 for seeds 0, 1, 2 (55 cells flipped of 1091 known)."""
+    suspects. Measured: 0.93, 0.96, 0.91 for seeds 0, 1, 2 (55 cells flipped of 1091 known; at 224 px 0.96, 1.00,
+    0.96)."""
     features, targets = sample_features
     y, flipped = audit.flip_known(targets, 0.05, seed=0)
     probabilities = audit.out_of_fold(features, y, seed=0)

@@ -3,18 +3,25 @@
 The ranks are started here with the environment torchrun gives its workers (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR/PORT: init_process_group's env:// rendezvous), so that each rank's output can be read apart and a
 hang fails at the timeout; test_torchrun runs one job through torchrun itself."""
+import contextlib
 import glob
 import json
 import signal
 import os
+import runpy
 import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
+import evaluate
+import inference
+import make_sample
+import train
 from conftest import FAST, ROOT
 
 TIMEOUT = 120  # seconds for a whole 2-process job on a busy 2-core machine
@@ -46,10 +53,25 @@ def run_ranks(script, *args, world=2, timeout=TIMEOUT):
     return results
 
 
-def one_process(script, *args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT)
+def in_process(main, *args):
+    """main(argv) here, on one thread as each rank runs (OMP_NUM_THREADS=1; the features are then bitwise those
+    of a rank): the one-process side of a comparison without starting another interpreter (~3 s each)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def patched_argv(*args):
+    saved = sys.argv
+    sys.argv = [str(a) for a in args]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def ok(results):
@@ -89,11 +111,11 @@ def train_args(tiny_set, out, *extra):
             "--cache-dir", out / "cache", *extra]
 
 
-def test_cached_path_equals_one_process(tiny_set, tmp_path):
+def test_cached_path_equals_one_process(tiny_set, tmp_path, capsys):
     """2-fold cross-validation and the final head on features extracted half by each rank: the same features
     (bitwise: a rank's batch holds the same 8 images as the one-process batch), head and metrics.json."""
     one, two = tmp_path / "one", tmp_path / "two"
-    assert one_process("train.py", *train_args(tiny_set, one, "--folds", "2", "--epochs", "3")).returncode == 0
+    assert in_process(train.main, *train_args(tiny_set, one, "--folds", "2", "--epochs", "3")) == 0
     rank0, rank1 = run_ranks("train.py", *train_args(tiny_set, two, "--folds", "2", "--epochs", "3"))
     assert rank0[0] == rank1[0] == 0, rank0[2] + rank1[2]
     assert rank1[1] == "" and "cross-validation" in rank0[1]  # only rank 0 speaks
@@ -105,29 +127,51 @@ def test_cached_path_equals_one_process(tiny_set, tmp_path):
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert numbers(m1) == numbers(m2) and len(numbers(m1)) > 20
     # A later run of any world size uses the store the 2 ranks left: nothing left to extract.
-    again = one_process("train.py", *train_args(tiny_set, tmp_path / "again", "--folds", "2", "--epochs", "1",
-                                                "--cache-dir", two / "cache"))
-    assert "24 of 24 images found" in again.stdout and "extracting" not in again.stdout
+    capsys.readouterr()
+    assert in_process(train.main, *train_args(tiny_set, tmp_path / "again", "--folds", "2", "--epochs", "1",
+                                              "--cache-dir", two / "cache")) == 0
+    again = capsys.readouterr().out
+    assert "24 of 24 images found" in again and "extracting" not in again
 
 
-def test_inference_and_evaluate_equal_one_process(tiny_set, tmp_path):
-    """Each rank predicts every other batch of 8 (24 images, 3 batches: rank 0 two, rank 1 one); rank 0 prints
-    every line in input order: the one-process lines, the probabilities equal to float rounding."""
-    labels, images = tiny_set
-    assert one_process("train.py", *train_args(tiny_set, tmp_path, "--epochs", "1")).returncode == 0
-    model = tmp_path / "model.pth"
-    single = one_process("inference.py", images, "--model", model, "--json", "--batch-size", "8", "--num-workers", "0")
-    rank0 = ok(run_ranks("inference.py", images, "--model", model, "--json", "--batch-size", "8", "--num-workers", "0"))
-    lines1, lines2 = [json.loads(x) for x in single.stdout.splitlines()], [json.loads(x) for x in rank0[1].splitlines()]
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny set and one one-process epoch of the full loop (--augment strong) on it: the model the inference
+    test reads and the model_last.pth the resume test continues on 2 ranks (either order gives what both need)."""
+    folder = tmp_path_factory.mktemp("trained")
+    labels, images = str(folder / "labels.txt"), str(folder / "images")
+    make_sample.generate(24, images, labels, seed=7, na_rate=0.09)
+    assert in_process(train.main, *train_args((labels, images), folder, "--augment", "strong", "--epochs", "1")) == 0
+    return labels, images, folder
+
+
+def test_inference_through_torchrun_and_evaluate_equal_one_process(trained, capsys):
+    """Inference through torchrun itself (--standalone: c10d rendezvous on this machine): each rank predicts every
+    other batch of 8 (24 images, 3 batches: rank 0 two, rank 1 one) and rank 0 prints every line in input order,
+    the one-process lines with the probabilities equal to float rounding. evaluate.py on 2 ranks prints the
+    one-process table."""
+    labels, images, folder = trained
+    model = folder / "model.pth"
+    flags = [images, "--model", model, "--json", "--batch-size", "8", "--num-workers", "0"]
+    capsys.readouterr()
+    assert in_process(inference.main, *flags) == 0
+    single = capsys.readouterr().out
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRAIN_DIST_TIMEOUT="60")
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               os.path.join(ROOT, "inference.py"), *map(str, flags)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=TIMEOUT)
+    assert launched.returncode == 0, launched.stderr
+    lines1, lines2 = ([json.loads(x) for x in out.splitlines()] for out in (single, launched.stdout))
     assert [x["image"] for x in lines1] == [x["image"] for x in lines2] and len(lines1) == 24
     assert [x["present"] for x in lines1] == [x["present"] for x in lines2]
     for a, b in zip(lines1, lines2):
         assert np.allclose(list(a["probabilities"].values()), list(b["probabilities"].values()), atol=1e-5)
     flags = ["--labels", labels, "--images", images, "--model", model, "--batch-size", "8", "--num-workers", "0"]
-    single = one_process("evaluate.py", *flags)
+    assert in_process(evaluate.main, *flags) == 0
+    single = capsys.readouterr().out
     rank0, rank1 = run_ranks("evaluate.py", *flags)
     assert rank0[0] == rank1[0] == 0 and rank1[1] == ""
-    assert rank0[1] == single.stdout and rank0[1].startswith("24 images")
+    assert rank0[1] == single and rank0[1].startswith("24 images")
 
 
 def test_a_bad_labels_file_ends_every_rank_with_one_error_line(tiny_set, tmp_path):
@@ -158,9 +202,14 @@ from model import build_model
 from utils import Report
 
 def run(argv):
-    labels, images, out, naive = argv
+    labels, images, out = argv
     torch.set_num_threads(1)
     _, paths, targets = load_dataset(labels, images, Report())
+    for naive in (False, True) if distributed.active() else (False,):
+        one_epoch(paths, targets, naive, out.format("naive" if naive else "plain"))
+    return 0
+
+def one_epoch(paths, targets, naive, out):
     torch.manual_seed(0)
     model = build_model("mobilenet_v3_large", targets.shape[1], "none", "last", 64).train()
     for module in model.modules():
@@ -169,7 +218,7 @@ def run(argv):
     forward, loss_fn = model, make_loss("bce", pos_weights(targets)[0])
     if distributed.active():
         forward = torch.nn.parallel.DistributedDataParallel(model)
-        loss_fn = loss_fn if naive == "naive" else distributed.global_mean_loss(loss_fn)
+        loss_fn = loss_fn if naive else distributed.global_mean_loss(loss_fn)
     optimizer = torch.optim.SGD([{{"params": [p for p in model.parameters() if p.requires_grad], "base_lr": 0.5}}])
     batches = ImageBatches(paths, np.arange(len(paths)), targets, eval_transform(64, (0.5,) * 3, (0.25,) * 3),
                            batch_size=8, shuffle=True, num_workers=0, seed=3, device=torch.device("cpu"),
@@ -180,7 +229,6 @@ def run(argv):
                                          first_step=0, device=torch.device("cpu"))
     if distributed.is_main():
         torch.save({{"model": model.state_dict(), "losses": losses}}, out)
-    return 0
 
 sys.exit(distributed.launch(run, sys.argv[1:]))
 """
@@ -193,10 +241,12 @@ def test_full_loop_step_equals_one_process_with_na_cells(tiny_set, tmp_path):
     script = tmp_path / "step.py"
     script.write_text(STEP_SCRIPT.format(root=ROOT))
     assert (np.loadtxt(labels, dtype=str)[:, 1:] == "NA").any()
-    assert one_process(script, labels, images, tmp_path / "one.pth", "-").returncode == 0
-    ok(run_ranks(script, labels, images, tmp_path / "two.pth", "-"))
-    ok(run_ranks(script, labels, images, tmp_path / "naive.pth", "naive"))
-    one, two, naive = (torch.load(tmp_path / f"{name}.pth", weights_only=True) for name in ("one", "two", "naive"))
+    with pytest.raises(SystemExit) as done, patched_argv(script, labels, images, tmp_path / "one_{}.pth"):
+        in_process(lambda _: runpy.run_path(str(script), run_name="__main__"))  # the script ends in sys.exit
+    assert done.value.code == 0
+    ok(run_ranks(script, labels, images, tmp_path / "two_{}.pth"))  # the global mean, then each rank's own
+    one, two, naive = (torch.load(tmp_path / name, weights_only=True)
+                       for name in ("one_plain.pth", "two_plain.pth", "two_naive.pth"))
     assert not any(k.startswith("module.") for k in two["model"])
     assert len(one["losses"]) == 3  # 24 images, global batches of 8
     assert np.allclose(one["losses"], two["losses"], atol=1e-5)  # the logged loss is the global batch's mean
@@ -204,10 +254,11 @@ def test_full_loop_step_equals_one_process_with_na_cells(tiny_set, tmp_path):
     assert max((one["model"][k] - naive["model"][k]).abs().max().item() for k in one["model"]) > 1e-3
 
 
-def test_full_loop_resumes_across_world_sizes(tiny_set, tmp_path):
-    """--augment strong (the full loop): 1 epoch on 2 ranks, resumed for a second on 1 process, and the other way;
-    the checkpoints are the one-process format (no `module.` prefix) and validation scores all 5 held-out images."""
-    two_then_one, one_then_two = tmp_path / "a", tmp_path / "b"
+def test_full_loop_resumes_across_world_sizes(tiny_set, tmp_path, trained, capsys):
+    """--augment strong (the full loop): 1 epoch on 2 ranks, resumed for a second on 1 process, and the other way
+    (the trained fixture's epoch); the checkpoints are the one-process format (no `module.` prefix) and validation
+    scores all 5 held-out images."""
+    two_then_one, one_then_two = tmp_path / "a", trained[2]
     first = train_args(tiny_set, two_then_one, "--augment", "strong", "--epochs", "1")
     assert "epoch   1/1" in ok(run_ranks("train.py", *first))[1]
     ckpt = torch.load(two_then_one / "model_last.pth", weights_only=True)
@@ -217,32 +268,17 @@ def test_full_loop_resumes_across_world_sizes(tiny_set, tmp_path):
     known = [sum(row[k] != "NA" for row in rows) for k in range(len(rows[0]))]
     metrics = json.loads((two_then_one / "metrics.json").read_text())
     assert len(rows) == 5 and [a["positives"] + a["negatives"] for a in metrics["validation"]["attributes"]] == known
-    resumed = one_process("train.py", "--resume", two_then_one / "model_last.pth", "--epochs", "2")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "after epoch 1" in resumed.stdout and "epoch   2/2" in resumed.stdout
+    capsys.readouterr()
+    assert in_process(train.main, "--resume", two_then_one / "model_last.pth", "--epochs", "2") == 0
+    resumed = capsys.readouterr().out
+    assert "after epoch 1" in resumed and "epoch   2/2" in resumed
 
-    assert one_process("train.py", *train_args(tiny_set, one_then_two, "--augment", "strong", "--epochs", "1")
-                       ).returncode == 0
     rank0 = ok(run_ranks("train.py", "--resume", one_then_two / "model_last.pth", "--epochs", "2"))
     assert "after epoch 1" in rank0[1] and "epoch   2/2" in rank0[1]
     for folder in (two_then_one, one_then_two):
         ckpt = torch.load(folder / "model_last.pth", weights_only=True)
         assert ckpt["epoch"] == 2 and len(json.loads(ckpt["state"])["losses"]) == 6  # 3 global batches x 2 epochs
         assert len(json.loads((folder / "metrics.json").read_text())["history"]) == 2
-
-
-def test_torchrun_inference_prints_the_one_process_lines(tiny_set, tmp_path):
-    """The issue's third command, through torchrun itself (--standalone: c10d rendezvous on this machine)."""
-    labels, images = tiny_set
-    assert one_process("train.py", *train_args(tiny_set, tmp_path, "--epochs", "1")).returncode == 0
-    flags = [images, "--model", tmp_path / "model.pth", "--batch-size", "8", "--num-workers", "0"]
-    single = one_process("inference.py", *flags)
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRAIN_DIST_TIMEOUT="60")
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               os.path.join(ROOT, "inference.py"), *map(str, flags)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=TIMEOUT)
-    assert launched.returncode == 0, launched.stderr
-    assert launched.stdout == single.stdout and len(single.stdout.splitlines()) == 24
 
 
 def test_ctrl_c_to_torchrun_stops_every_rank_after_the_same_step_and_saves(tiny_set, tmp_path):
