@@ -1,7 +1,7 @@
 """The figures train.py writes: loss_curve.png and metrics.png (matplotlib, files only, no display)."""
 import numpy as np
 
-from metrics import _known, average_precision, precision_recall_curve
+from metrics import average_precision, known_columns, precision_recall_curve
 from utils import atomic_write
 
 MAX_CURVE_POINTS = 300  # a curve of 200k validation images draws in milliseconds once thinned to this
@@ -70,9 +70,7 @@ def metrics_figure(history, scores, y, thresholds, attributes):
 
 
 def _pr_curves(ax, scores, y, thresholds, attributes):
-    for k, name in enumerate(attributes):
-        known = y[:, k] >= 0
-        s, positive = scores[known, k], y[known, k] == 1
+    for k, (name, (s, positive)) in enumerate(zip(attributes, known_columns(scores, y))):
         curve = precision_recall_curve(s, positive)
         if curve is None:
             continue
@@ -159,7 +157,7 @@ def pr_figure(scores, y, thresholds, attributes):
     """The precision-recall curves with the thresholds marked (metrics.png's right panel) on their own."""
     fig, ax = pyplot().subplots(figsize=(6.5, 4.8))
     if len(attributes) > MAX_LINES:
-        _ap_summary(ax, [average_precision(*_known(scores, y, k)) for k in range(len(attributes))], attributes)
+        _ap_summary(ax, [average_precision(s, positive) for s, positive in known_columns(scores, y)], attributes)
     else:
         _pr_curves(ax, scores, y, thresholds, attributes)
     fig.tight_layout()

@@ -9,12 +9,7 @@ import math
 import numpy as np
 
 
-def _known(scores, targets, k):
-    mask = targets[:, k] >= 0
-    return np.asarray(scores[mask, k], dtype=np.float64), np.asarray(targets[mask, k] == 1)
-
-
-def _columns(scores, targets):
+def known_columns(scores, targets):
     """(scores, positive) of each attribute's known cells. One transpose first: a column of a (N, K) array is a
     strided read, and at 200k x 228 those reads cost more than the sorts."""
     scores_t, targets_t = np.ascontiguousarray(np.asarray(scores).T), np.ascontiguousarray(np.asarray(targets).T)
@@ -99,7 +94,7 @@ def attribute_metrics(scores, targets, thresholds, attributes):
     thresholds None: each attribute's F1-best threshold (tune_threshold) is used, and the reasons it could not
     be tuned are listed under "notes"."""
     rows, notes = [], []
-    for k, (name, (s, positive)) in enumerate(zip(attributes, _columns(scores, targets))):
+    for k, (name, (s, positive)) in enumerate(zip(attributes, known_columns(scores, targets))):
         curve = precision_recall_curve(s, positive)
         threshold = thresholds[k] if thresholds is not None else (0.5 if curve is None else _best_cut(curve))
         if thresholds is None and curve is None:
@@ -127,7 +122,7 @@ def attribute_metrics(scores, targets, thresholds, attributes):
 def macro_f1(scores, targets, thresholds):
     """Mean F1 over the attributes with known positives, at the given thresholds (no sorting)."""
     f1s = []
-    for threshold, (s, positive) in zip(thresholds, _columns(scores, targets)):
+    for threshold, (s, positive) in zip(thresholds, known_columns(scores, targets)):
         if positive.any():
             f1s.append(f1_at(s, positive, threshold)[0])
     return float(np.mean(f1s)) if f1s else math.nan

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from metrics import (_known, attribute_metrics, average_precision, f1_at, format_table,
+from metrics import (attribute_metrics, average_precision, f1_at, format_table, known_columns,
                      precision_recall_curve, to_json, tune_threshold)
 
 
@@ -264,8 +264,9 @@ def test_format_table_and_to_json():
         json.dumps(result, allow_nan=False)  # the raw result does hold a NaN
 
 
-def test_known_helper_drops_na_rows():
-    scores = np.array([[0.1], [0.2], [0.3]])
-    targets = np.array([[1], [-1], [0]])
-    s, y = _known(scores, targets, 0)
-    assert s.tolist() == [0.1, 0.3] and y.tolist() == [True, False]
+def test_known_columns_drop_each_attributes_na_rows():
+    scores = np.array([[0.1, 0.6], [0.2, 0.7], [0.3, 0.8]], dtype=np.float32)
+    targets = np.array([[1, -1], [-1, 0], [0, 1]], dtype=np.int8)
+    (s0, y0), (s1, y1) = known_columns(scores, targets)
+    assert s0.tolist() == pytest.approx([0.1, 0.3]) and y0.tolist() == [True, False]
+    assert s1.tolist() == pytest.approx([0.7, 0.8]) and y1.tolist() == [False, True]
