@@ -254,31 +254,29 @@ def test_full_loop_step_equals_one_process_with_na_cells(tiny_set, tmp_path):
     assert max((one["model"][k] - naive["model"][k]).abs().max().item() for k in one["model"]) > 1e-3
 
 
-def test_full_loop_resumes_across_world_sizes(tiny_set, tmp_path, trained, capsys):
-    """--augment strong (the full loop): 1 epoch on 2 ranks, resumed for a second on 1 process, and the other way
-    (the trained fixture's epoch); the checkpoints are the one-process format (no `module.` prefix) and validation
-    scores all 5 held-out images."""
-    two_then_one, one_then_two = tmp_path / "a", trained[2]
-    first = train_args(tiny_set, two_then_one, "--augment", "strong", "--epochs", "1")
-    assert "epoch   1/1" in ok(run_ranks("train.py", *first))[1]
-    ckpt = torch.load(two_then_one / "model_last.pth", weights_only=True)
-    assert not any(k.startswith("module.") for k in ckpt["model"]) and ckpt["epoch"] == 1
-    # Every known cell of the 5 validation images counted once: as in val_labels.txt.
-    rows = [line.split()[1:] for line in (two_then_one / "val_labels.txt").read_text().splitlines()[1:]]
-    known = [sum(row[k] != "NA" for row in rows) for k in range(len(rows[0]))]
-    metrics = json.loads((two_then_one / "metrics.json").read_text())
-    assert len(rows) == 5 and [a["positives"] + a["negatives"] for a in metrics["validation"]["attributes"]] == known
-    capsys.readouterr()
-    assert in_process(train.main, "--resume", two_then_one / "model_last.pth", "--epochs", "2") == 0
-    resumed = capsys.readouterr().out
-    assert "after epoch 1" in resumed and "epoch   2/2" in resumed
-
-    rank0 = ok(run_ranks("train.py", "--resume", one_then_two / "model_last.pth", "--epochs", "2"))
+def test_full_loop_resumes_across_world_sizes(trained, capsys):
+    """--augment strong (the full loop): the trained fixture's one-process epoch resumed for a second on 2 ranks,
+    then for a third on 1 process; the checkpoints are the one-process format (no `module.` prefix) and the 2
+    ranks' validation scores every known cell of the 5 held-out images once."""
+    labels, images, folder = trained
+    rank0 = ok(run_ranks("train.py", "--resume", folder / "model_last.pth", "--epochs", "2"))
     assert "after epoch 1" in rank0[1] and "epoch   2/2" in rank0[1]
-    for folder in (two_then_one, one_then_two):
-        ckpt = torch.load(folder / "model_last.pth", weights_only=True)
-        assert ckpt["epoch"] == 2 and len(json.loads(ckpt["state"])["losses"]) == 6  # 3 global batches x 2 epochs
-        assert len(json.loads((folder / "metrics.json").read_text())["history"]) == 2
+    ckpt = torch.load(folder / "model_last.pth", weights_only=True)
+    assert not any(k.startswith("module.") for k in ckpt["model"]) and ckpt["epoch"] == 2
+    assert len(json.loads(ckpt["state"])["losses"]) == 6  # 3 global batches x 2 epochs
+    rows = [line.split()[1:] for line in (folder / "val_labels.txt").read_text().splitlines()[1:]]
+    known = [sum(row[k] != "NA" for row in rows) for k in range(len(rows[0]))]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert len(rows) == 5 and [a["positives"] + a["negatives"] for a in metrics["validation"]["attributes"]] == known
+    assert len(metrics["history"]) == 2
+
+    capsys.readouterr()
+    assert in_process(train.main, "--resume", folder / "model_last.pth", "--epochs", "3") == 0
+    resumed = capsys.readouterr().out
+    assert "after epoch 2" in resumed and "epoch   3/3" in resumed
+    ckpt = torch.load(folder / "model_last.pth", weights_only=True)
+    assert ckpt["epoch"] == 3 and len(json.loads(ckpt["state"])["losses"]) == 9
+    assert len(json.loads((folder / "metrics.json").read_text())["history"]) == 3
 
 
 def test_ctrl_c_to_torchrun_stops_every_rank_after_the_same_step_and_saves(tiny_set, tmp_path):
