@@ -54,7 +54,8 @@ DATA_NAME = re.compile(r"features-[0-9a-f]{16}\.f32")  # what an index may name:
 
 
 def fingerprint(model, *, backbone_name, image_size, mean, std, amp):
-    h = hashlib.sha1(json.dumps([CACHE_VERSION, backbone_name, image_size, list(mean), list(std), bool(amp)]).encode())
+    h = hashlib.sha1(json.dumps([CACHE_VERSION, backbone_name, image_size, list(mean), list(std), bool(amp),
+                                 model.feature_dim]).encode())  # the same weights may give other features
     for key, value in sorted(model.backbone.state_dict().items()):
         h.update(key.encode())
         h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

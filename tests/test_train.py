@@ -319,7 +319,7 @@ def test_cross_validation_picks_epochs_and_thresholds_out_of_fold_then_trains_on
     assert len(curve) == 4 and curve[chosen - 1] == max(curve)
     assert f"the final head trains {chosen} epochs on all 24 rows" in out
     ckpt = torch.load(tmp_path / "model.pth", weights_only=True)
-    assert ckpt["epoch"] == chosen and ckpt["tta"] is False and ckpt["thresholds"] == [0.5] * 4
+    assert ckpt["epoch"] == chosen and ckpt["tta"] is True and ckpt["thresholds"] == [0.5] * 4  # the defaults
     assert [r["threshold"] for r in metrics["validation"]["attributes"]] == [0.5] * 4
     assert ckpt["val_map"] == pytest.approx(curve[chosen - 1])
     assert not (tmp_path / "val_labels.txt").exists()  # no held-out rows: every row trained the final head
