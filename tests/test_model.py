@@ -95,6 +95,18 @@ def test_lite_features_are_the_pooled_last_map_then_the_pooled_last_block(varian
     torch.testing.assert_close(features[:, 1280:], block[0].mean((2, 3)))
 
 
+def test_a_lite_checkpoint_of_the_last_map_alone_is_one_clear_error(tmp_path):
+    # Written before the Lite backbones added their last block's features: a head 1280 wide.
+    path = str(tmp_path / "old.pth")
+    old = model.build_model("efficientnet_lite0", 4, "none", "none", 64)
+    old.head = torch.nn.Linear(1280, 4)
+    model.save_checkpoint(model.make_checkpoint(old, backbone="efficientnet_lite0", attributes=["a", "b", "c", "d"],
+                                                image_size=64, mean=[0.5] * 3, std=[0.5] * 3, thresholds=[0.5] * 4,
+                                                config={"unfreeze": "none", "head": "linear"}), path)
+    with pytest.raises(model.UserError, match=r"old\.pth: weights do not fit a efficientnet_lite0 .*another version"):
+        model.model_from_checkpoint(model.load_checkpoint(path), path)
+
+
 # ---- shape of the model and the freezing rules ----
 
 @pytest.mark.parametrize("backbone", list(FEATURE_DIM))
