@@ -3,6 +3,7 @@
 The model is `backbone` (image -> pooled features) followed by `head` (Linear(D, K)). It returns
 logits; the sigmoid is applied at prediction time only (BCEWithLogits trains on the logits).
 """
+import functools
 import io
 import os
 import re
@@ -37,6 +38,7 @@ def _torchvision_backbone(name, head_path):
     return build
 
 
+@functools.cache  # one class, defined when a Lite backbone is first built (the package is imported then)
 def _lite_features_class():
     from efficientnet_lite_pytorch import EfficientNet  # only these backbones need the package
 
