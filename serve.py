@@ -390,7 +390,7 @@ def create_app(args):
             return error_response(503, "shutting down")
         if state.batcher is None or state.open >= args.queue or state.batcher.full():
             return error_response(503, "the queue is full", {"Retry-After": str(RETRY_AFTER)})
-        return {"status": "ready", "queued": len(state.batcher.items)}
+        return {"status": "ready", "queued": len(state.batcher.items), "open": state.open}
 
     @app.get("/metrics")
     async def metrics_text():
