@@ -289,7 +289,8 @@ def create_app(args):
 
     @app.exception_handler(Refused)
     async def refused(request, e):
-        return error_response(e.status, e.message, e.headers)
+        # The body may be unread (refused on its headers): the connection cannot carry another request after it.
+        return error_response(e.status, e.message, {**e.headers, "Connection": "close"})
 
     @app.exception_handler(Exception)
     async def internal(request, e):  # logged by uvicorn with its traceback; the client gets one line
