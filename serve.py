@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from images import load_image
 from inference import load_model, record
-from onnx_model import is_onnx
 from utils import UserError, run_cli
 
 HOST = "127.0.0.1"  # this machine only; serving others is an explicit --host 0.0.0.0
