@@ -19,6 +19,7 @@ import contextlib
 import hmac
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -495,7 +496,8 @@ def run(args):
     # Each process loads the model itself; fail here, in one line, on a model file that cannot load.
     create_app(args)
     os.environ["SERVE_ARGS"] = json.dumps(vars(args))
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="serve-metrics-"))
+    made = None if "PROMETHEUS_MULTIPROC_DIR" in os.environ else tempfile.mkdtemp(prefix="serve-metrics-")
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", made)
     uconfig = uvicorn.Config("serve:app_from_env", factory=True, workers=args.workers, **config)
     sock = uconfig.bind_socket()
     host, port = sock.getsockname()[:2]
@@ -503,7 +505,11 @@ def run(args):
           flush=True)
     from uvicorn.supervisors import Multiprocess
 
-    Multiprocess(uconfig, sockets=[sock]).run()
+    try:
+        Multiprocess(uconfig, sockets=[sock]).run()
+    finally:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
     return 0
 
 

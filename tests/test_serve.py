@@ -378,6 +378,20 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(models):
             server.process.kill()
 
 
+def test_two_workers_answer_and_sum_their_metrics(models):
+    server = Server(models["root"], models["onnx"], "--workers", "2", torch=False)
+    try:
+        with httpx.Client(timeout=60) as one, httpx.Client(timeout=60) as two:  # two connections
+            for client in (one, two, one, two):
+                r = client.post(server.url + "/predict", files=[("file", ("a.jpg", read(SAMPLE[0])))])
+                assert r.status_code == 200 and r.json()[0]["image"] == "a.jpg"
+        text = httpx.get(server.url + "/metrics").text
+        assert metric(text, 'serve_images_total{result="predicted"}') == 4  # whichever process answered
+        assert "with 2 processes" in server.log()
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "missing.onnx"], "error: missing.onnx: model file not found"),
     (["--model", "m.onnx", "--queue", "0"], "error: --queue must be at least 1"),
