@@ -204,12 +204,17 @@ async def read_body(request, limit):
             raise Refused(400, "Content-Length is not a number")
         if int(length) > limit:
             raise Refused(413, f"the request body is {int(length)} bytes, more than the limit of {limit} (--max-body)")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Refused(413, f"the request body is more than the limit of {limit} bytes (--max-body)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Refused(413, f"the request body is more than the limit of {limit} bytes (--max-body)")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody to answer; counted as a 400, not as a server error
+        raise Refused(400, "the client went away before sending the whole body") from None
     return b"".join(chunks)
 
 
@@ -269,7 +274,10 @@ def create_app(args):
     attributes, thresholds = loaded.facts["attributes"], loaded.facts["thresholds"]
     metrics = Metrics()
     folder = os.path.dirname(os.path.abspath(__file__))
-    pages = {path: (open(os.path.join(folder, name), "rb").read(), kind) for path, (name, kind) in PAGE_FILES.items()}
+    pages = {}
+    for path, (name, kind) in PAGE_FILES.items():
+        with open(os.path.join(folder, name), "rb") as f:
+            pages[path] = (f.read(), kind)
     state = argparse.Namespace(batcher=None, open=0, draining=False, explaining=False)
 
     @contextlib.asynccontextmanager
