@@ -80,13 +80,21 @@ def explain_image(model, image, *, backbone, transform, num_attributes):
     return gradcam(model, x.expand(num_attributes, -1, -1, -1).to(device), range(num_attributes), backbone=backbone)
 
 
-def write_explanation(model, path, probabilities, *, ckpt, thresholds, transform, out_dir):
-    """OUT_DIR/<image name>_cam.png: the image and one heat-map panel per attribute; returns its path."""
-    from figures import cam_figure, save_figure
+def explanation_figure(model, image, probabilities, *, ckpt, thresholds, transform):
+    """The picture of one PIL image: the image and one heat-map panel per attribute (a matplotlib figure)."""
+    from figures import cam_figure
 
-    image = load_image(path)
     cams = explain_image(model, image, backbone=ckpt["backbone"], transform=transform,
                          num_attributes=len(ckpt["attributes"]))
+    return cam_figure(image, cams, ckpt["attributes"], probabilities, thresholds)
+
+
+def write_explanation(model, path, probabilities, *, ckpt, thresholds, transform, out_dir):
+    """OUT_DIR/<image name>_cam.png: explanation_figure of the image at path; returns its path."""
+    from figures import save_figure
+
+    figure = explanation_figure(model, load_image(path), probabilities, ckpt=ckpt, thresholds=thresholds,
+                                transform=transform)
     out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_cam.png")
-    save_figure(cam_figure(image, cams, ckpt["attributes"], probabilities, thresholds), out)
+    save_figure(figure, out)
     return out

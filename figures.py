@@ -109,6 +109,16 @@ def save_figure(fig, path):
     pyplot().close(fig)
 
 
+def figure_png(fig):
+    """The figure as PNG bytes, as save_figure writes it (serve.py's /explain)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    pyplot().close(fig)
+    return buffer.getvalue()
+
+
 # ---- Grad-CAM (explain.py) ----
 
 def display_image(image, longest=256):

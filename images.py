@@ -20,17 +20,19 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-def load_image(path, decode=True):
+def load_image(path, decode=True, *, name=None):
     """Open any image file as an upright RGB PIL image; raises UserError naming the file.
 
+    path: a file name, or a binary file object (an upload, serve.py) that the messages call `name`.
     decode=False only reads the header (cheap): it catches empty, non-image and oversized files,
     not a truncated one."""
+    name = path if name is None else name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise UserError(f"{path}: image declares {im.width}x{im.height} pixels, more than "
+                    raise UserError(f"{name}: image declares {im.width}x{im.height} pixels, more than "
                                     f"{MAX_IMAGE_PIXELS}; refused as a possible decompression bomb (resize it)")
                 if not decode:
                     return None
@@ -40,12 +42,20 @@ def load_image(path, decode=True):
     except UserError:
         raise
     except FileNotFoundError:
-        raise UserError(f"{path}: image not found") from None
+        raise UserError(f"{name}: image not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"{path}: image too large; refused as a possible decompression bomb (resize it)") from None
+        raise UserError(f"{name}: image too large; refused as a possible decompression bomb (resize it)") from None
     except Exception as e:  # PIL raises many types for broken files; every one is the file's fault
-        reason = "empty file" if os.path.exists(path) and os.path.getsize(path) == 0 else f"{type(e).__name__}: {e}"
-        raise UserError(f"{path}: cannot read image ({reason}); replace or remove the file") from None
+        # PIL names a file object by its repr (<_io.BytesIO object at 0x...>): name it as the messages do
+        detail = str(e).replace(repr(path), repr(name))
+        reason = "empty file" if _is_empty(path) else f"{type(e).__name__}: {detail}"
+        raise UserError(f"{name}: cannot read image ({reason}); replace or remove the file") from None
+
+
+def _is_empty(source):
+    if isinstance(source, (str, bytes, os.PathLike)):
+        return os.path.exists(source) and os.path.getsize(source) == 0
+    return source.seek(0, os.SEEK_END) == 0
 
 
 def _to_rgb(im):

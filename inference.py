@@ -10,10 +10,12 @@
 Everything (backbone, attribute names, image size, normalization, thresholds) comes from the model file.
 """
 import argparse
+import functools
 import itertools
 import json
 import os
 import sys
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -96,8 +98,7 @@ def predict_onnx(model, paths, batch_size, tta=False):
             except UserError as e:
                 errors[i] = str(e)
         if arrays:
-            x = np.stack(list(arrays.values()))
-            p = (model(x) + model(np.ascontiguousarray(x[..., ::-1]))) / 2 if tta else model(x)
+            p = onnx_probabilities(model, np.stack(list(arrays.values())), tta)
             probabilities = dict(zip(arrays, p.tolist()))
         else:
             probabilities = {}
@@ -105,9 +106,26 @@ def predict_onnx(model, paths, batch_size, tta=False):
             yield path, probabilities.get(i), errors.get(i)
 
 
+def onnx_probabilities(model, x, tta):
+    """(n, K) probabilities of an (n, 3, S, S) array on ONNX Runtime; tta: the mean with the mirror images'."""
+    return (model(x) + model(np.ascontiguousarray(x[..., ::-1]))) / 2 if tta else model(x)
+
+
+class Loaded(NamedTuple):
+    """A model file ready to predict. inference.py calls predict and explain; serve.py, which gets images as
+    uploads and batches them itself, calls prepare (one PIL image -> one input), forward (a list of inputs -> their
+    probability lists, one forward) and figure (PIL image, probabilities, thresholds -> the Grad-CAM figure)."""
+    facts: dict
+    predict: Callable
+    explain: Optional[Callable]
+    prepare: Callable
+    forward: Callable
+    figure: Optional[Callable]
+
+
 def load_torch(args):
-    """The checkpoint's facts, a function paths -> predict(...) on PyTorch, and one that writes an image's Grad-CAM
-    (--explain)."""
+    """A .pth on PyTorch: predict(paths) is predict(...), explain(path, probabilities, thresholds) writes the
+    image's Grad-CAM (--explain)."""
     try:
         import torch
     except ImportError:  # a deployment environment (requirements-inference.txt) given a .pth
@@ -134,15 +152,49 @@ def load_torch(args):
                                 out_dir=args.explain)
         print(f"wrote {out}", file=sys.stderr)
 
-    return ckpt, lambda paths: predict(model, paths, transform, device=device, batch_size=args.batch_size,
-                                       num_workers=workers, tta=tta), explain
+    @functools.cache  # folded on the first batch: inference.py's own paths never call forward
+    def batch_forward():
+        from model import flip_tta, folded_forward
+
+        forward = folded_forward(model)
+        return flip_tta(forward, features=False) if tta else forward
+
+    def forward(inputs):
+        with torch.inference_mode():
+            return torch.sigmoid(batch_forward()(torch.stack(inputs).to(device))).tolist()
+
+    def figure(image, probabilities, thresholds):
+        from explain import explanation_figure
+
+        return explanation_figure(model, image, probabilities, ckpt=ckpt, thresholds=thresholds, transform=transform)
+
+    return Loaded(ckpt, lambda paths: predict(model, paths, transform, device=device, batch_size=args.batch_size,
+                                              num_workers=workers, tta=tta), explain, transform, forward, figure)
 
 
 def load_onnx(args):
     """The same for an .onnx file (--num-workers and --keep-freed-memory do not apply to it; no Grad-CAM)."""
     model = OnnxModel(args.model, device=args.device)
     tta = model.facts.get("tta", False) and not args.no_tta
-    return model.facts, lambda paths: predict_onnx(model, paths, args.batch_size, tta), None
+    size, mean, std = (model.facts[k] for k in ("image_size", "mean", "std"))
+    return Loaded(model.facts, lambda paths: predict_onnx(model, paths, args.batch_size, tta), None,
+                  lambda image: to_array(image, size, mean, std),
+                  lambda inputs: onnx_probabilities(model, np.stack(inputs), tta).tolist(), None)
+
+
+def load_model(args):
+    """args.model (.pth or .onnx) as a Loaded."""
+    return (load_onnx if is_onnx(args.model) else load_torch)(args)
+
+
+def record(path, probabilities, error, *, attributes, thresholds):
+    """The --json object of one image (serve.py answers with the same)."""
+    if error is not None:
+        return {"image": path, "error": error}
+    present = [a for a, p, t in zip(attributes, probabilities, thresholds) if p >= t]
+    return {"image": path, "present": present,
+            "probabilities": {a: round(p, 6) for a, p in zip(attributes, probabilities)},
+            "thresholds": dict(zip(attributes, thresholds))}
 
 
 def torchrun():
@@ -173,7 +225,7 @@ def run(args):
                         "an ONNX model does not give")
     if args.explain:
         check_writable([os.path.join(args.explain, "image_cam.png")])
-    facts, predictor, explain = (load_onnx if is_onnx(args.model) else load_torch)(args)
+    facts, predictor, explain = load_model(args)[:3]
     if torchrun():  # rank 0 prints every line; Grad-CAM too is rank 0's
         predictor = shared(predictor, args.batch_size)
         explain = explain if os.environ.get("RANK") == "0" else None
@@ -185,23 +237,20 @@ def run(args):
     single = len(paths) == 1 and not os.path.isdir(args.images[0])
     failures = 0
     for path, probabilities, error in predictor(paths):
+        result = record(path, probabilities, error, attributes=attributes, thresholds=thresholds)
         if error is not None:
             failures += 1
             print(f"error: {error}", file=sys.stderr)
-            if args.json:
-                print(json.dumps({"image": path, "error": error}), flush=True)
-            continue
-        present = [a for a, p, t in zip(attributes, probabilities, thresholds) if p >= t]
-        if args.explain and explain:
+        elif args.explain and explain:
             explain(path, probabilities, thresholds)
         if args.json:
-            print(json.dumps({"image": path, "present": present,
-                              "probabilities": {a: round(p, 6) for a, p in zip(attributes, probabilities)},
-                              "thresholds": dict(zip(attributes, thresholds))}), flush=True)
+            print(json.dumps(result), flush=True)
+        elif error is not None:
+            continue
         elif single:
-            print(f"Attributes present: {present}")
+            print(f"Attributes present: {result['present']}")
         else:
-            print(f"{path}: Attributes present: {present}", flush=True)
+            print(f"{path}: Attributes present: {result['present']}", flush=True)
     return 1 if failures else 0
 
 
