@@ -22,18 +22,17 @@ import os
 import random
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-import zlib
 
 from common import ROOT, fmt, load_average, machine_lines, median, table
 
 import export  # noqa: E402
 import inference  # noqa: E402
+from make_sample import png_declaring  # noqa: E402
 from images import list_images  # noqa: E402
 from onnx_model import OnnxModel  # noqa: E402
 
@@ -203,16 +202,6 @@ def latency_rows(model, bodies, args, workers):
     return rows, rate16, code
 
 
-def png_declaring(width, height):
-    """A 1x1 PNG whose header then claims width x height (a decompression bomb of 70 bytes)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
 def overload(model, bodies):

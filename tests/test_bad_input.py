@@ -11,9 +11,7 @@ import json
 import os
 import pickle
 import re
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -61,14 +59,6 @@ def summary(stdout):
     return int(m.group(1)), {reason: int(n) for reason, n in parts.items()}
 
 
-def png_declaring(width, height):
-    """A valid 1x1 PNG whose IHDR then claims width x height (CRC fixed): a bomb of 70 bytes."""
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
 def exif_rotated(upright):
@@ -103,7 +93,7 @@ def make_odd_and_bad(folder, picture):
     with open(f("text.jpg"), "w") as dst:
         dst.write("not a picture, just text named .jpg\n")
     with open(f("bomb.png"), "wb") as dst:
-        dst.write(png_declaring(100_000, 100_000))
+        dst.write(make_sample.png_declaring(100_000, 100_000))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from PIL import Image
 import inference
 import serve
 from conftest import ROOT
-from test_bad_input import png_declaring
+from make_sample import png_declaring
 
 SAMPLE = [os.path.join(ROOT, "images", f"img_{i:04d}.jpg") for i in range(1, 7)]
 TOKEN = "s3cret-token"
