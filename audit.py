@@ -1,11 +1,14 @@
 """Label audit: which known labels look wrong, and what the NA cells probably are.
 
-    python audit.py --labels labels.txt --images images --backbone efficientnet_lite0
-    python audit.py --labels labels.txt --images images --out audit/ --folds 5
+    python audit.py                                          # the labels of the last `python train.py`
+    python audit.py --labels labels.txt --images images --model run/model.pth --out audit/
+    python audit.py --labels my.txt --images my/ --backbone efficientnet_lite0 --epochs 20   # train.py's flags
 
-Every image is scored by a head that never trained on it: k heads are trained on the cached frozen features
-(the same cache as train.py), each on k-1 folds, and each scores the fold it left out (out-of-fold
-probabilities). Writes, in --out (default: the current folder):
+Every image is scored by heads that never trained on it: the out-of-fold probabilities of train.py's
+cross-validation (the mean over its --repeats), read from the oof.npz beside --model when it was made from these
+labels and images. Otherwise audit.py runs that very cross-validation first: `python train.py --no-report` in a
+temporary folder, with train.py's defaults and any train.py flag given here, sharing the feature cache (seconds
+after a first run). There is no second recipe. Writes, in --out (default: the current folder):
 
     label_audit.csv        image, attribute, given, suggested, probability, score: one row per cell, the most
                            suspect known cells first (score = 1 - cleanlab's label quality), then the NA cells,
@@ -17,70 +20,113 @@ The labels file given is only read.
 import argparse
 import csv
 import os
+import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-import train
-from data_loader import FeatureBatches
-from dataset import load_dataset, write_labels
-from model import backbone_spec, build_model
-from utils import (Report, UserError, add_runtime_flags, atomic_write, check_writable, keep_freed_memory, log,
-                   pick_device, resolve_workers, run_cli, seed_everything, small_matmuls)
+from dataset import write_labels
+from engine import oof_mismatch, read_oof
+from utils import UserError, atomic_write, check_writable, log, run_cli
 
-FOLDS = 5  # heads trained; each image is scored by the one that left its fold out
 CONFIDENT = 0.9  # an NA cell is filled with 1 at an out-of-fold probability >= this, with 0 at <= 1 - this
 AUDIT_COLUMNS = ("image", "attribute", "given", "suggested", "probability", "score")
+TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Find suspect labels and suggest values for NA cells.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--labels", default=train.LABELS, help="labels file (read only)")
-    p.add_argument("--images", default=train.IMAGES, help="images folder")
+    p = argparse.ArgumentParser(
+        description="Find suspect labels and suggest values for NA cells.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Any other flag is train.py's (python train.py --help) and is passed to it when the out-of-fold "
+               "predictions must be computed.")
+    p.add_argument("--labels", default="labels.txt", help="labels file (read only)")
+    p.add_argument("--images", default="images", help="images folder")
+    p.add_argument("--model", default="model.pth", help="the run whose oof.npz (beside it) is read when it matches")
     p.add_argument("--out", default=".", help="folder for label_audit.csv and labels_suggested.txt")
-    p.add_argument("--backbone", default=train.BACKBONE, type=train.backbone_arg)
-    p.add_argument("--weights", default=train.WEIGHTS, help="imagenet | none | PATH to a state dict")
-    p.add_argument("--image-size", type=train.size_arg, default=train.IMAGE_SIZE,
-                   help="auto (the backbone's own) or pixels")
-    p.add_argument("--folds", type=int, default=FOLDS)
-    p.add_argument("--epochs", type=int, default=train.EPOCHS, help="epochs of each fold's head")
-    p.add_argument("--lr", type=float, default=train.LR)
-    p.add_argument("--weight-decay", type=float, default=train.WEIGHT_DECAY)
     p.add_argument("--confident", type=float, default=CONFIDENT, help="probability that fills an NA cell")
-    p.add_argument("--seed", type=int, default=train.SEED)
-    p.add_argument("--cache-dir", default=train.CACHE_DIR, help="feature cache folder (shared with train.py)")
-    p.add_argument("--no-cache", action="store_true", help="keep extracted features in memory only")
-    p.add_argument("--strict", action="store_true", help="every warning about the input is an error")
-    add_runtime_flags(p, batch_size=train.BATCH_SIZE, num_workers=train.NUM_WORKERS, device=train.DEVICE,
-                      keep_freed=train.KEEP_FREED_MEMORY)
-    return p.parse_args(argv)
+    args, args.train_flags = p.parse_known_args(argv)
+    return args
 
 
-# ---- out-of-fold probabilities ----
+# ---- out-of-fold probabilities: the run's own, or computed by train.py ----
 
-def out_of_fold(features, targets, *, folds=FOLDS, seed=0, epochs=train.EPOCHS, lr=train.LR,
-                weight_decay=train.WEIGHT_DECAY, batch_size=train.BATCH_SIZE):
-    """Probabilities (n, K) of features (n, D), each row from a head trained on the other folds (train.out_of_fold:
-    train.py's head, loop and loss), at the epoch whose out-of-fold mAP is best. targets: (n, K), NA = -1."""
-    n = len(targets)
-    if n < folds or folds < 2:
-        raise UserError(f"{n} images cannot be split into {folds} folds; use --folds between 2 and {n}")
-    settings = train.parse_args(["--folds", str(folds), "--seed", str(seed), "--epochs", str(epochs), "--lr", str(lr),
-                                 "--weight-decay", str(weight_decay), "--batch-size", str(batch_size), "--no-tta"])
-    x = np.asarray(features, dtype=np.float32)
-    views = np.stack([x, x], 1)  # FeatureBatches' two views: the audit scores the image as is
-    rows = np.arange(n)
+@dataclass
+class AuditData:
+    """The out-of-fold predictions of a labels file, and each known cell's suspicion."""
+    labels: str  # the labels file read
+    attributes: list
+    names: list  # image names of the scored rows (readable images), in labels-file order
+    paths: list  # the image file of each row
+    targets: np.ndarray  # (n, K) int8: 1, 0, -1 (= NA), as the labels file says
+    probabilities: np.ndarray  # (n, K) float32, out of fold
+    score: np.ndarray  # (n, K) suspicion of each known cell (label_quality), NaN for NA cells
+    source: str  # one line: which oof.npz, and how it was made
+    model: str  # the model.pth of the run that made them (for Grad-CAM), or None
+    labels_sha256: str  # the labels file's bytes when read
 
-    def batches(index, shuffle):
-        return FeatureBatches(views, rows, index, targets, batch_size=batch_size, shuffle=shuffle, seed=seed)
 
-    with small_matmuls():
-        scores = train.out_of_fold(batches, rows, targets, args=settings, feature_dim=x.shape[1],
-                                   device=torch.device("cpu"))
-    _, best = train.oof_history(scores, np.asarray(targets), [str(k) for k in range(targets.shape[1])])
-    return scores[best]
+def audit_data(labels, images, *, model="model.pth", train_flags=(), run_dir=None):
+    """The out-of-fold predictions of the run beside `model` (its oof.npz) when they match these labels and images;
+    else computed by train.py's cross-validation (train_flags pass on: --backbone, --cache-dir, ...), its run kept
+    in run_dir when given (model.pth there is then the model), else in a temporary folder removed afterwards."""
+    for path, what in ((labels, "labels file"), (images, "images folder")):
+        if not os.path.exists(path):
+            raise UserError(f"{path}: {what} not found (give it with --{what.split()[0]})")
+    oof_path, why = os.path.join(os.path.dirname(os.path.abspath(model)), "oof.npz"), None
+    if os.path.isfile(oof_path):
+        try:
+            oof = read_oof(oof_path)
+            why = oof_mismatch(oof, labels_path=labels, images=images)
+        except UserError as e:
+            why = str(e)
+        if why is None:
+            return from_oof(oof, labels, images, source=f"{oof_path} (the run of {model})",
+                            model=model if os.path.isfile(model) else None)
+        log(f"audit: {oof_path} not used: {why}")
+    folds = argparse.ArgumentParser(add_help=False)
+    folds.add_argument("--folds")
+    if (folds.parse_known_args(list(train_flags))[0].folds or "").strip() == "0":
+        raise UserError("--folds 0: the audit needs out-of-fold predictions; give 2 or more folds")
+    with tempfile.TemporaryDirectory(prefix="audit-run-") as temporary:
+        folder = run_dir or temporary
+        os.makedirs(folder, exist_ok=True)
+        run_model = os.path.join(folder, "model.pth")
+        log(f"audit: computing the out-of-fold predictions: train.py on {labels} (its log follows)")
+        command = [sys.executable, TRAIN_PY, "--labels", labels, "--images", images, "--out", run_model,
+                   "--curve", os.path.join(folder, "loss_curve.png"), "--no-report", *train_flags]
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+            for line in child.stdout:  # its log, as it comes (through our streams, which may not be files)
+                print(line, end="", file=sys.stderr, flush=True)
+        code = child.returncode
+        if code != 0:
+            raise UserError(f"train.py could not make the out-of-fold predictions of {labels} (exit {code}; its "
+                            "message is above)")
+        oof = read_oof(os.path.join(folder, "oof.npz"))
+        return from_oof(oof, labels, images, source=f"computed now by train.py{' ' if train_flags else ''}"
+                        f"{' '.join(train_flags)} ({oof.config.get('repeats', 1)} x {oof.config.get('folds')} folds, "
+                        f"{oof.config.get('backbone')})", model=run_model if run_dir else None)
+
+
+def check_train_flags(flags):
+    """Flags meant for train.py, checked by train.py's own parser before anything runs (it lists no backbone and
+    exits): a wrong one is said now, also when a matching oof.npz means train.py will not run at all."""
+    if not flags:
+        return
+    done = subprocess.run([sys.executable, TRAIN_PY, *flags, "--list-backbones", "-none-"], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        said = (done.stderr.strip().splitlines() or ["exit " + str(done.returncode)])[-1]
+        raise UserError(f"{' '.join(flags)}: not flags of audit.py nor of train.py ({said.split('error: ')[-1]})")
+
+
+def from_oof(oof, labels, images, *, source, model):
+    return AuditData(labels=labels, attributes=list(oof.attributes), names=list(oof.names),
+                     paths=[os.path.join(images, n) for n in oof.names], targets=np.asarray(oof.targets),
+                     probabilities=np.asarray(oof.probabilities), score=label_quality(oof.probabilities, oof.targets),
+                     source=source, model=model, labels_sha256=oof.labels_sha256)
 
 
 # ---- scores ----
@@ -124,7 +170,7 @@ def audit_rows(names, attributes, targets, probabilities, score):
 
 def suggested_targets(targets, probabilities, confident):
     """targets with each NA cell set to 1 where p >= confident, 0 where p <= 1 - confident; others stay NA."""
-    y = torch.as_tensor(targets).numpy().copy()
+    y = np.asarray(targets).astype(np.int8)
     na = y < 0
     y[na & (probabilities >= confident)] = 1
     y[na & (probabilities <= 1 - confident)] = 0
@@ -134,14 +180,14 @@ def suggested_targets(targets, probabilities, confident):
 def flip_known(targets, rate, seed):
     """The measurement of the audit: targets with round(rate x known cells) known cells flipped at random
     (seeded), and the mask of the flipped cells."""
-    y = torch.as_tensor(targets).numpy().copy()
+    y = np.asarray(targets).astype(np.int8)
     known = np.flatnonzero(y.ravel() >= 0)
     chosen = np.random.default_rng(seed).choice(known, round(rate * len(known)), replace=False)
     flipped = np.zeros(y.size, dtype=bool)
     flipped[chosen] = True
     flipped = flipped.reshape(y.shape)
     y[flipped] = 1 - y[flipped]
-    return torch.as_tensor(y), flipped
+    return y, flipped
 
 
 def recall_in_top(score, flipped, factor=2):
@@ -165,36 +211,16 @@ def write_audit_csv(path, rows):
     atomic_write(path, write)
 
 
-def write_suggested(path, table, targets, probabilities, *, confident, source):
-    filled = suggested_targets(targets, probabilities, confident)
-    count = int((np.asarray(targets) < 0).sum() - (filled < 0).sum())
+def write_suggested(path, data, *, confident, source):
+    filled = suggested_targets(data.targets, data.probabilities, confident)
+    count = int((np.asarray(data.targets) < 0).sum() - (filled < 0).sum())
     comment = (f"# {os.path.basename(source)} with {count} NA cells filled by audit.py: 1 where the out-of-fold "
                f"probability is >= {confident}, 0 where it is <= {1 - confident:.2f}; the other NA cells stay NA")
-    write_labels(path, table.attributes, table.names, torch.as_tensor(filled), comment=comment)
+    write_labels(path, data.attributes, data.names, filled, comment=comment)
     return count
 
 
 # ---- main ----
-
-def audit_features(args, report):
-    """(table, paths, targets, view-0 features (n, D), ok mask) through train.py's feature cache."""
-    from feature_cache import cached_features
-
-    table, paths, targets = load_dataset(args.labels, args.images, report)
-    device = pick_device(args.device)
-    if args.keep_freed_memory:
-        keep_freed_memory(device)
-    if args.image_size == "auto":
-        args.image_size = backbone_spec(args.backbone).size
-    mean, std = backbone_spec(args.backbone).norm
-    model = build_model(args.backbone, len(table.attributes), args.weights, "none", args.image_size).to(device)
-    features, rows, ok = cached_features(
-        model, paths, backbone=args.backbone, image_size=args.image_size, mean=mean, std=std,
-        cache_dir=None if args.no_cache else args.cache_dir, batch_size=args.batch_size,
-        num_workers=resolve_workers(args.num_workers, device), device=device, amp=False, report=report,
-        mirror=np.zeros(len(paths), dtype=bool))
-    return table, paths, targets, np.asarray(features[np.where(ok, rows, 0), 0]), ok
-
 
 def run(args):
     outputs = {"csv": os.path.join(args.out, "label_audit.csv"),
@@ -204,20 +230,14 @@ def run(args):
     if not 0.5 < args.confident <= 1:
         raise UserError(f"--confident {args.confident} must be in (0.5, 1]")
     check_writable(list(outputs.values()))
-    seed_everything(args.seed)
-    report = Report(strict=args.strict)
-    table, paths, targets, features, ok = audit_features(args, report)
-    keep = np.flatnonzero(ok)
-    table.names = [table.names[i] for i in keep]
-    targets = targets[keep]
-    probabilities = out_of_fold(features[keep], targets, folds=args.folds, seed=args.seed, epochs=args.epochs,
-                                lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size)
-    rows = audit_rows(table.names, table.attributes, targets, probabilities, label_quality(probabilities, targets))
+    check_train_flags(args.train_flags)
+    data = audit_data(args.labels, args.images, model=args.model, train_flags=args.train_flags)
+    rows = audit_rows(data.names, data.attributes, data.targets, data.probabilities, data.score)
     write_audit_csv(outputs["csv"], rows)
-    filled = write_suggested(outputs["labels"], table, targets, probabilities, confident=args.confident,
-                             source=args.labels)
+    filled = write_suggested(outputs["labels"], data, confident=args.confident, source=args.labels)
+    log(f"audit of {args.labels} from {data.source}")
     log(f"wrote {outputs['csv']} ({len(rows)} cells, the most suspect first) and {outputs['labels']} "
-        f"({filled} of {int((targets < 0).sum())} NA cells filled at probability {args.confident})")
+        f"({filled} of {int((data.targets < 0).sum())} NA cells filled at probability {args.confident})")
     for r in rows[:10]:
         if r["score"] is not None:
             log(f"  suspect: {r['image']} {r['attribute']} given {r['given']}, the model says {r['probability']:.2f}")

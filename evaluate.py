@@ -21,7 +21,7 @@ from inference import KEEP_FREED_MEMORY, NUM_WORKERS
 from metrics import attribute_metrics, format_table, to_json
 from model import flip_tta, folded_forward, load_checkpoint, model_from_checkpoint
 from onnx_model import OnnxModel, is_onnx
-from train import evaluate
+from engine import evaluate
 from utils import (Report, UserError, add_runtime_flags, check_batch_size, keep_freed_memory, pick_device,
                    resolve_workers)
 

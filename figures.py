@@ -40,7 +40,7 @@ def loss_curve_figure(losses):
 
 
 def metrics_figure(history, scores, y, thresholds, attributes):
-    """Validation AP per epoch, and precision-recall curves at the best epoch with the tuned thresholds marked.
+    """Validation AP per epoch, and precision-recall curves at the best epoch with the thresholds used marked.
     Past MAX_LINES attributes: the spread of AP per epoch, and each attribute's AP at the best epoch, sorted."""
     fig, (left, right) = pyplot().subplots(1, 2, figsize=(12, 4.8))
     epochs = [h["epoch"] for h in history]
@@ -81,7 +81,7 @@ def _pr_curves(ax, scores, y, thresholds, attributes):
         ax.plot(tp / positive.sum(), tp / max(predicted.sum(), 1), "o", color=line.get_color(), markersize=8)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
-    ax.set_title("Precision-recall at the best epoch (dot: tuned threshold)")
+    ax.set_title("Precision-recall at the best epoch (dot: the threshold used)")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8, loc="lower left")

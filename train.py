@@ -8,7 +8,8 @@
 
 Edit the constants below or override any of them on the command line (`python train.py --help`).
 Writes model.pth, model_last.pth, loss_curve.png, metrics.json, metrics.png and report.html (report.py;
---no-report skips it); with a validation split (--folds 0, or the full loop) also val_labels.txt (the validation
+--no-report skips it); cross-validated (the default) also oof.npz, every row's out-of-fold probabilities, which
+report.py, audit.py and review.py read; with a validation split (--folds 0, or the full loop) also val_labels.txt (the validation
 rows, for evaluate.py).
 """
 import argparse
@@ -18,23 +19,26 @@ import os
 import sys
 import time
 from copy import deepcopy
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 import distributed
-from data_loader import FeatureBatches, ImageBatches, fold_indices, split_indices
+from data_loader import FeatureBatches, ImageBatches, split_indices
 from dataset import (eval_transform, format_counts, label_counts, load_dataset, load_image, train_transform,
                      write_labels)
+from engine import (CrossValidation, OutOfFold, evaluate, finish_out_of_fold, image_forward, lr_factor,  # noqa: F401
+                    make_loss_for, make_optimizer, out_of_fold, pick_thresholds, schedule, start_out_of_fold,
+                    train_one_epoch, write_oof)
 from figures import loss_curve_figure, metrics_figure, save_figure
-from loss import LOSSES, make_loss, pos_weights
+from loss import LOSSES, pos_weights
 from metrics import attribute_metrics, format_table, macro_f1, to_json
-from model import (BACKBONES, HEADS, backbone_spec, build_head, build_model, check_backbone, flip_tta,
-                   imagenet_weights_missing, list_backbones, load_checkpoint, make_checkpoint, save_checkpoint)
-from utils import (Progress, Report, StopFlag, UserError, add_runtime_flags, amp_context, bf16_is_native,
-                   check_folder, check_writable, keep_freed_memory, log, pick_device, resolve_workers, restore_rng,
-                   rng_state, seed_everything, small_matmuls, write_json)
+from model import (BACKBONES, HEADS, backbone_spec, build_model, check_backbone, flip_tta, imagenet_weights_missing,
+                   list_backbones, load_checkpoint, make_checkpoint, save_checkpoint)
+from utils import (Report, StopFlag, UserError, add_runtime_flags, bf16_is_native, check_folder, check_writable,
+                   keep_freed_memory, log, pick_device, resolve_workers, restore_rng, rng_state, seed_everything,
+                   small_matmuls, write_json)
 
 # ---- hyperparameters (each can be overridden: --name value) ----
 LABELS = "labels.txt"  # labels file: image_name v1 .. vK per line, values 1 / 0 / NA
@@ -68,6 +72,9 @@ AUGMENT = "flip"  # flip: RandomHorizontalFlip only (as specified) | strong: cro
 IMAGE_SIZE = "auto"  # images are resized to IMAGE_SIZE x IMAGE_SIZE; auto: per backbone (224; lite0: 288)
 FOLDS = 5  # cached path: k-fold cross-validation picks the epochs and thresholds from out-of-fold predictions,
 #            then the final head trains on every row | 0: hold out VAL_FRACTION instead (the full loop always does)
+REPEATS = 3  # cross-validations with other fold assignments; their mean out-of-fold probabilities pick the epochs
+#              and feed metrics.json, oof.npz, the report and the audit (3: the audit finds more flipped labels on
+#              real photos, docs/audit.md; each repeat costs one more set of heads)
 VAL_FRACTION = 0.2  # held out (iterative stratification) when not cross-validating; 0 trains on everything
 PATIENCE = 10  # stop when validation mAP has not improved for this many epochs (0: never)
 TTA = True  # validation, evaluate.py and inference average the probabilities of the image and its mirror
@@ -117,6 +124,7 @@ def parse_args(argv=None):
     p.add_argument("--augment", default=AUGMENT, choices=["flip", "strong"])
     p.add_argument("--image-size", type=size_arg, default=IMAGE_SIZE, help="auto (the backbone's own) or pixels")
     p.add_argument("--folds", type=int, default=FOLDS, help="cross-validation folds on the cached path; 0: a split")
+    p.add_argument("--repeats", type=int, default=REPEATS, help="cross-validations with other fold assignments")
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=TTA,
                    help="flip test-time augmentation at validation, evaluation and inference")
@@ -136,74 +144,6 @@ def parse_args(argv=None):
                      if any(x == o or x.startswith(o + "=") for x in argv for o in a.option_strings)}
     return args
 
-
-
-# ---- the loop: one for both paths ----
-
-def lr_factor(step, *, schedule, total_steps, warmup_steps):
-    """The learning rate at an optimizer step as a fraction of --lr (--backbone-lr), nanoGPT's get_lr: a function
-    of the step alone, so a resumed run needs only its step count."""
-    if schedule == "onecycle":
-        # OneCycle's shape: from 1/25 up to 1 (cosine) over the warm-up (30% when not given), then down to 1/25e4.
-        warmup_steps = warmup_steps or int(0.3 * total_steps)
-        start, end = 1 / 25, 1 / 25e4
-        if step < warmup_steps:
-            return start + (1 - start) * (1 - math.cos(math.pi * step / warmup_steps)) / 2
-        t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return end + (1 - end) * (1 + math.cos(math.pi * min(t, 1.0))) / 2
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "cosine":
-        t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return (1 + math.cos(math.pi * min(t, 1.0))) / 2
-    return 1.0
-
-
-def train_one_epoch(forward, batches, *, loss_fn, optimizer, lr_at, first_step, device, stop=None, label="train"):
-    """One pass over batches of (indices, x, y); returns (the loss of each optimizer step, images seen). Ends after
-    the step in progress when stop.requested (Ctrl-C)."""
-    losses, seen = [], 0
-    bar = Progress(batches.num_images, label)
-    for indices, x, y in batches:
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_at(first_step + len(losses))
-        loss = loss_fn(forward(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        seen += len(indices)
-        bar(len(indices), f"loss {losses[-1]:.4f}")
-        if stop is not None and stop.requested:
-            break
-    bar.close()
-    return losses, seen
-
-
-@torch.inference_mode()
-def evaluate(forward, batches, *, device, loss_fn=None):
-    """Probabilities (n, K) of the images batches yields, their indices, and the mean loss (None without loss_fn)."""
-    logits, indices, targets = [], [], []
-    for index, x, y in batches:
-        logits.append(forward(x.to(device, non_blocking=True)).float())
-        indices.append(index)
-        targets.append(y)
-    if getattr(batches, "sharded", False):  # each rank scored its share: every rank gets all, in index order
-        logits, indices, targets = distributed.gather_batches(logits, indices, targets, device=device)
-    if not logits:
-        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64), None
-    logits = torch.cat(logits)
-    loss = loss_fn(logits, torch.cat(targets).to(device)).item() if loss_fn is not None else None
-    return torch.sigmoid(logits).cpu().numpy(), np.concatenate(indices), loss
-
-
-def image_forward(model, *, device, amp):
-    """The whole model on image batches (channels_last; the backbone under bf16 autocast with --amp)."""
-    def forward(x):
-        with amp_context(device, amp):
-            return model(x.contiguous(memory_format=torch.channels_last)).float()
-
-    return forward
 
 
 # ---- setup ----
@@ -232,6 +172,8 @@ def parse_checks(args):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.folds < 0 or args.folds == 1:
         raise UserError(f"--folds {args.folds}: use 0 (a validation split) or 2 or more folds")
+    if args.repeats < 1:
+        raise UserError(f"--repeats {args.repeats} must be at least 1")
 
 
 def output_paths(args):
@@ -241,6 +183,7 @@ def output_paths(args):
         "best": args.out, "last": os.path.join(folder, f"{stem}_last{ext or '.pth'}"), "curve": args.curve,
         "metrics": os.path.join(folder, "metrics.json"), "metrics_png": os.path.join(folder, "metrics.png"),
         "val_labels": os.path.join(folder, "val_labels.txt"), "report": os.path.join(folder, "report.html"),
+        "oof": os.path.join(folder, "oof.npz"),
     }
 
 
@@ -288,20 +231,47 @@ def load_data(args, report, *, val_fraction):
     return table, paths, targets, train_idx, val_idx, pos_weight, said
 
 
-def make_loss_for(args, targets):
-    """The run's loss with pos_weight = negatives / positives of these training rows."""
-    return make_loss(args.loss, pos_weights(targets)[0], focal_gamma=args.focal_gamma, focal_alpha=args.focal_alpha,
-                     asl_gamma_neg=args.asl_gamma_neg, asl_gamma_pos=args.asl_gamma_pos, asl_clip=args.asl_clip)
+@dataclass
+class Run:
+    """The state of one run of train.py: every field is declared here, set by setup() and make_batches()."""
+    args: argparse.Namespace
+    outputs: dict  # output name -> path (output_paths)
+    cached: bool  # the cached-features path (frozen backbone, flip only); else the full loop
+    folds: int  # cross-validation folds (0: a validation split)
+    epochs: int  # epochs of the final head (the cross-validation may lower it)
+    amp: bool
+    why: str  # why this backbone
+    device: torch.device
+    workers: int
+    report: Report
+    table: object  # dataset.LabelTable
+    paths: list
+    targets: torch.Tensor  # (N, K) int8, NA = -1
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    counts: dict  # label counts of the training part
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    state: dict  # the fit's progress, saved in model_last.pth as JSON (losses, history, best, epoch)
+    mean: list
+    std: list
+    stop: StopFlag
+    resumed: dict = None  # the checkpoint --resume read
+    train_loss_fn: torch.nn.Module = None  # under torchrun: the global-batch mean of loss_fn
+    pending: dict = field(default_factory=dict)  # cached path: checkpoints kept in memory until the end
+    best: tuple = None  # (scores, y, thresholds, notes) of the best validation epoch
+    cv: CrossValidation = None
+    oof_state: OutOfFold = None  # the cross-validation in progress (resumable)
+    forward: object = None  # training forward (make_batches)
+    eval_forward: object = None
+    batches: object = None  # batches(index, train, seed) factory
+    train_batches: object = None
+    val_batches: object = None
 
-
-def make_optimizer(head, args, backbone=None):
-    groups = [{"params": head.parameters(), "base_lr": args.lr}]
-    backbone_params = [p for p in backbone.parameters() if p.requires_grad] if backbone is not None else []
-    if backbone_params:
-        groups.append({"params": backbone_params, "base_lr": args.backbone_lr})
-    for group in groups:
-        group["lr"] = group["base_lr"]
-    return torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    @property
+    def attributes(self):
+        return self.table.attributes
 
 
 def setup(args):
@@ -324,8 +294,8 @@ def setup(args):
     # Only now: kept freed memory pays in the backbone's forwards, and the label pipeline's temporaries (GBs at
     # 1M images) must go back to the system, not stay in the heap for the rest of the run.
     kept = args.keep_freed_memory and keep_freed_memory(device)
-    path = f"cached features ({f'{folds}-fold cross-validation' if folds else 'validation split'})" if cached else \
-        f"full loop ({'--unfreeze last' if args.unfreeze != 'none' else '--augment strong'})"
+    path = f"cached features ({f'{folds}-fold cross-validation x {args.repeats}' if folds else 'validation split'})" \
+        if cached else f"full loop ({'--unfreeze last' if args.unfreeze != 'none' else '--augment strong'})"
     log(f"path: {path}; device {device}{' (freed memory kept for reuse)' if kept else ''}, {workers} loader workers"
         f"{', bf16 autocast' if amp else ''}; backbone {args.backbone} at {args.image_size} px "
         f"({'resumed' if resumed else args.weights}, {why}), {args.head} head")
@@ -344,15 +314,14 @@ def setup(args):
         optimizer.load_state_dict(resumed["optimizer"])
         state.update(json.loads(resumed["state"]))
         restore_rng(resumed["rng"])
-        log(f"resumed from {args.resume} after epoch {state['epoch']}")
+        log(f"resumed from {args.resume} after epoch {state['epoch']}" if "cv_progress" not in resumed else
+            f"resumed from {args.resume}: cross-validation after {int(resumed['cv_progress']['heads_done'])} heads")
     mean, std = backbone_spec(args.backbone).norm
-    return SimpleNamespace(
-        args=args, outputs=outputs, cached=cached, folds=folds, epochs=args.epochs, amp=amp, why=why,
-        device=device, workers=workers, report=report, table=table, attributes=table.attributes, paths=paths,
-        targets=targets, train_idx=train_idx, val_idx=val_idx, counts=label_counts(targets[train_idx]),
-        model=model, loss_fn=make_loss_for(args, targets[train_idx]).to(device), optimizer=optimizer, state=state,
-        train_loss_fn=None,
-        mean=mean, std=std, stop=StopFlag(), pending={}, best=None, cv=None)
+    return Run(args=args, outputs=outputs, cached=cached, folds=folds, epochs=args.epochs, amp=amp, why=why,
+               device=device, workers=workers, report=report, table=table, paths=paths, targets=targets,
+               train_idx=train_idx, val_idx=val_idx, counts=label_counts(targets[train_idx]), model=model,
+               loss_fn=make_loss_for(args, targets[train_idx]).to(device), optimizer=optimizer, state=state,
+               mean=mean, std=std, stop=StopFlag(), resumed=resumed)
 
 
 def make_batches(job):
@@ -375,9 +344,9 @@ def make_batches(job):
         job.forward = job.model.head
         job.eval_forward = flip_tta(job.model.head, features=True) if args.tta else job.model.head
 
-        def batches(index, train):
+        def batches(index, train, seed=args.seed):
             return FeatureBatches(features, rows, index, job.targets, batch_size=args.batch_size, shuffle=train,
-                                  seed=args.seed, both_views=args.tta and not train)
+                                  seed=seed, both_views=args.tta and not train)
     else:
         ok = readable_images(job.paths, job.report)
         job.train_idx, job.val_idx = job.train_idx[ok[job.train_idx]], job.val_idx[ok[job.val_idx]]
@@ -395,9 +364,9 @@ def make_batches(job):
         transforms = {True: train_transform(args.image_size, job.mean, job.std, augment=args.augment),
                       False: eval_transform(args.image_size, job.mean, job.std)}
 
-        def batches(index, train):
+        def batches(index, train, seed=args.seed):
             return ImageBatches(job.paths, index, job.targets, transforms[train], batch_size=args.batch_size,
-                                shuffle=train, num_workers=job.workers, seed=args.seed, device=job.device,
+                                shuffle=train, num_workers=job.workers, seed=seed, device=job.device,
                                 report=job.report, shard=distributed.active())
     if len(job.train_idx) == 0:
         raise UserError(f"{args.labels}: no training image could be read")
@@ -419,84 +388,42 @@ def readable_images(paths, report):
     return ok
 
 
-def schedule(args, *, steps_per_epoch, epochs):
-    """The learning-rate factor of each optimizer step of a run of this many epochs."""
-    total, warmup = steps_per_epoch * epochs, int(args.warmup_epochs * steps_per_epoch)
-    return lambda step: lr_factor(step, schedule=args.scheduler, total_steps=total, warmup_steps=warmup)
-
-
-# ---- cross-validation: out-of-fold predictions pick the epochs and the thresholds ----
-
-def out_of_fold(batches, index, targets, *, args, feature_dim, device, stop=None):
-    """Out-of-fold probabilities (epochs, n, K) of the rows index: args.folds heads, each trained on the other folds
-    (batches(rows, True)) and scoring its own fold (batches(rows, False)) after every epoch, so no image is ever
-    scored by a head that trained on it. train.py picks its epochs and thresholds from them; audit.py looks for
-    suspicious labels in them."""
-    fold = fold_indices(targets[index], args.folds, args.seed)
-    num_attributes = targets.shape[1]
-    scores = np.zeros((args.epochs, len(index), num_attributes), dtype=np.float32)
-    for f in range(args.folds):
-        started = time.time()
-        torch.manual_seed(args.seed * 1_000 + f)
-        head = build_head(args.head, feature_dim, num_attributes, hidden=args.hidden, dropout=args.dropout).to(device)
-        train_rows, held = index[fold != f], np.flatnonzero(fold == f)
-        train_batches, held_batches = batches(train_rows, True), batches(index[held], False)
-        optimizer = make_optimizer(head, args)
-        lr_at = schedule(args, steps_per_epoch=len(train_batches), epochs=args.epochs)
-        forward = flip_tta(head, features=True) if args.tta else head
-        loss_fn = make_loss_for(args, targets[train_rows]).to(device)
-        for epoch in range(args.epochs):
-            train_batches.set_epoch(epoch)
-            head.train()
-            train_one_epoch(head, train_batches, loss_fn=loss_fn, optimizer=optimizer, lr_at=lr_at,
-                            first_step=epoch * len(train_batches), device=device, stop=stop,
-                            label=f"fold {f + 1} epoch {epoch + 1}")
-            if stop is not None and stop.requested:
-                return None
-            head.eval()
-            scores[epoch, held] = evaluate(forward, held_batches, device=device)[0]
-        log(f"fold {f + 1}/{args.folds}: {len(train_rows)} train, {len(held)} held out, {args.epochs} epochs "
-            f"in {time.time() - started:.1f}s")
-    return scores
-
-
-def oof_history(scores, y, attributes):
-    """Per epoch the out-of-fold metrics, and the epoch (0-based) with the best mAP (the first of ties)."""
-    history = []
-    for epoch, epoch_scores in enumerate(scores):
-        result = attribute_metrics(epoch_scores, y, None, attributes)
-        history.append({"epoch": epoch + 1, "map": result["map"],
-                        "macro_f1": macro_f1(epoch_scores, y, [0.5] * len(attributes)),
-                        "ap": [r["ap"] for r in result["attributes"]]})
-    maps = [h["map"] for h in history]
-    best = 0 if all(math.isnan(m) for m in maps) else int(np.nanargmax(maps))
-    return history, best
-
+# ---- cross-validation ----
 
 def cross_validate(job):
-    """The epochs and thresholds of the final head, from out-of-fold predictions; False if Ctrl-C stopped it."""
-    index = job.train_idx
-    scores = out_of_fold(job.batches, index, job.targets, args=job.args, feature_dim=job.model.feature_dim,
-                         device=job.device, stop=job.stop)
-    if scores is None:
-        return False
+    """The epochs and thresholds of the final head from out-of-fold predictions (engine.out_of_fold), written to
+    oof.npz; False if Ctrl-C stopped it (job.oof_state then holds the heads done, for model_last.pth)."""
+    args, index, resumed = job.args, job.train_idx, job.resumed or {}
+    if "cv" in resumed:  # it had finished before the run was interrupted: its result, not a second one
+        job.cv = CrossValidation.from_checkpoint(resumed["cv"], index)
+        job.epochs = job.cv.epochs
+        return True
     y = job.targets[index].numpy()
-    history, best = oof_history(scores, y, job.attributes)
-    thresholds, notes = pick_thresholds(job, scores[best], y)
-    log(f"cross-validation: out-of-fold mAP {history[best]['map']:.4f} after {best + 1} epochs "
-        f"(of {len(scores)}); the final head trains {best + 1} epochs on all {len(index)} rows")
-    job.epochs = best + 1
-    job.cv = {"history": history, "best": (scores[best], y, thresholds, notes), "epochs": best + 1,
-              "index": index}
+    if "cv_progress" in resumed:
+        state = OutOfFold.from_checkpoint(resumed["cv_progress"])
+        if state.folds.shape != (len(index), args.repeats) or len(state.sums) != args.epochs:
+            raise UserError(f"{args.resume}: its cross-validation had other rows, --repeats or --epochs; start a "
+                            "new run, or resume with the same labels, images and --epochs")
+    else:
+        state = start_out_of_fold(y, folds=args.folds, repeats=args.repeats, epochs=args.epochs, seed=args.seed)
+    started = time.time()
+    if not out_of_fold(job.batches, index, job.targets, args=args, feature_dim=job.model.feature_dim,
+                       device=job.device, state=state, stop=job.stop):
+        job.oof_state = state
+        return False
+    job.cv = finish_out_of_fold(state, index, job.targets, repeats=args.repeats, attributes=job.attributes,
+                                thresholds=args.thresholds)
+    job.epochs = job.cv.epochs
+    log(f"cross-validation ({args.repeats} x {args.folds} folds, {time.time() - started:.1f}s): mean out-of-fold mAP "
+        f"{job.cv.history[job.cv.epochs - 1]['map']:.4f} after {job.cv.epochs} epochs (of {args.epochs}); the final "
+        f"head trains {job.cv.epochs} epochs on all {len(index)} rows")
+    write_oof(job.outputs["oof"], job.cv, names=[job.table.names[i] for i in index],
+              paths=[job.paths[i] for i in index], attributes=job.attributes, targets=y, labels_path=args.labels,
+              features={k: getattr(args, k) for k in ("backbone", "weights", "image_size", "amp")},
+              config=plain_config(args))
+    log(f"wrote {job.outputs['oof']} (every row's out-of-fold probabilities, the mean of {args.repeats} "
+        "cross-validations)")
     return True
-
-
-def pick_thresholds(job, scores, y):
-    if job.args.thresholds == "0.5":
-        return [0.5] * len(job.attributes), []
-    result = attribute_metrics(scores, y, None, job.attributes)
-    return [r["threshold"] for r in result["attributes"]], result["notes"]
-
 
 # ---- the epochs ----
 
@@ -506,7 +433,7 @@ def validate(job):
     scores, index, loss = evaluate(job.eval_forward, job.val_batches, device=job.device, loss_fn=job.loss_fn)
     y = job.targets[index].numpy()
     result = attribute_metrics(scores, y, None, job.attributes)
-    thresholds, notes = pick_thresholds(job, scores, y)
+    thresholds, notes = pick_thresholds(job.args.thresholds, scores, y, job.attributes)
     record = {"val_loss": loss, "map": result["map"], "macro_f1": macro_f1(scores, y, [0.5] * len(thresholds)),
               "ap": [r["ap"] for r in result["attributes"]]}
     return record, (scores, y, thresholds, notes)
@@ -516,6 +443,13 @@ def fit(job):
     """The epochs: train, validate, keep the best and the last checkpoint, stop early or on Ctrl-C."""
     args, state = job.args, job.state
     lr_at = schedule(args, steps_per_epoch=len(job.train_batches), epochs=job.epochs)
+    if state["epoch"] == 0:
+        # The final head's dropout starts from the seed, not from wherever the cross-validation left the generator,
+        # and on the cached path a Ctrl-C in its first epoch still leaves a model_last.pth to resume from.
+        torch.manual_seed(args.seed)
+        if job.cached:
+            job.pending["last"] = detached(resume_checkpoint(job, model_checkpoint(
+                job, final_thresholds(job), epoch=0, val_map=None)))
     for epoch in range(state["epoch"], job.epochs):
         started = time.time()
         job.model.train()
@@ -553,7 +487,7 @@ def fit(job):
 
 def final_thresholds(job):
     """Without a validation part: the cross-validated thresholds, or 0.5."""
-    return job.cv["best"][2] if job.cv else [0.5] * len(job.attributes)
+    return job.cv.thresholds if job.cv else [0.5] * len(job.attributes)
 
 
 def epoch_line(record, epochs, elapsed, seen, improved):
@@ -567,16 +501,10 @@ def keep_checkpoints(job, thresholds, record, improved):
     """The epoch's checkpoint becomes the last one (and the best one if improved): written now on the full loop,
     kept in memory until the end on the cached path, where an epoch takes milliseconds and writing ~100 MB twice
     would cost more than the epoch."""
-    args = job.args
-    checkpoint = make_checkpoint(
-        job.model, backbone=args.backbone, attributes=list(job.attributes), image_size=args.image_size,
-        mean=list(job.mean), std=list(job.std), thresholds=[float(t) for t in thresholds],
-        config=plain_config(args), label_counts=job.counts, epoch=record["epoch"], val_map=val_map(job, record),
-        tta=bool(args.tta), amp=bool(job.amp), backbone_reason=job.why)
+    checkpoint = model_checkpoint(job, thresholds, epoch=record["epoch"], val_map=val_map(job, record))
     if improved:
         job.pending["best"] = checkpoint
-    job.pending["last"] = dict(checkpoint, optimizer=job.optimizer.state_dict(), rng=rng_state(),
-                               state=json.dumps(job.state))
+    job.pending["last"] = resume_checkpoint(job, checkpoint)
     if job.cached:
         job.pending = {k: detached(v) for k, v in job.pending.items()}
     else:
@@ -584,9 +512,28 @@ def keep_checkpoints(job, thresholds, record, improved):
             save_checkpoint(job.pending.pop(key), job.outputs[key])
 
 
+def model_checkpoint(job, thresholds, *, epoch, val_map):
+    args = job.args
+    return make_checkpoint(
+        job.model, backbone=args.backbone, attributes=list(job.attributes), image_size=args.image_size,
+        mean=list(job.mean), std=list(job.std), thresholds=[float(t) for t in thresholds],
+        config=plain_config(args), label_counts=job.counts, epoch=epoch, val_map=val_map,
+        tta=bool(args.tta), amp=bool(job.amp), backbone_reason=job.why)
+
+
+def resume_checkpoint(job, checkpoint):
+    """checkpoint plus what --resume needs: the optimizer, the generators, the fit's state, and the
+    cross-validation (its result once finished, else the heads done so far)."""
+    extra = {"cv": job.cv.to_checkpoint()} if job.cv else {}
+    if job.oof_state is not None:
+        extra["cv_progress"] = job.oof_state.to_checkpoint()
+    return dict(checkpoint, optimizer=job.optimizer.state_dict(), rng=rng_state(), state=json.dumps(job.state),
+                **extra)
+
+
 def val_map(job, record):
     """The checkpoint's validation mAP: of its epoch, or out-of-fold when cross-validated; None without one."""
-    score = job.cv["history"][job.cv["epochs"] - 1]["map"] if job.cv else record.get("map", math.nan)
+    score = job.cv.history[job.cv.epochs - 1]["map"] if job.cv else record.get("map", math.nan)
     return None if math.isnan(score) else float(score)
 
 
@@ -597,6 +544,7 @@ def detached(checkpoint):
                                    for k, v in checkpoint["model"].items()})
     if "optimizer" in checkpoint:
         copy["optimizer"] = deepcopy(checkpoint["optimizer"])
+        copy["rng"] = deepcopy(checkpoint["rng"])
     return copy
 
 
@@ -612,7 +560,8 @@ def finish(job):
     save_figure(loss_curve_figure(state["losses"]), outputs["curve"])
     log(f"wrote {outputs['curve']} ({len(state['losses'])} steps)")
     if state["best_epoch"] < 0:
-        log("interrupted before the first epoch ended: no checkpoint written")
+        log("interrupted before the first epoch ended: no model to predict with yet"
+            + (f"; continue with --resume {outputs['last']}" if job.cached else ""))
         return 130
     log(f"wrote {outputs['best']} (epoch {state['best_epoch']}) and {outputs['last']}")
     write_metrics(job)
@@ -620,10 +569,10 @@ def finish(job):
         log("interrupted: outputs so far are written; continue with --resume " + outputs["last"])
         return 130
     if not job.args.no_report and (len(job.val_idx) or job.cv) and distributed.is_main():
-        import report  # the HTML report of the best model on its validation part, with an audit of every label
+        import report  # the HTML report: the best model's mistakes, its Grad-CAM, the audit of every label
 
         with distributed.alone():  # rank 0 alone, the others done
-            report.after_training(job.args, outputs, workers=job.workers, cross_validated=bool(job.cv))
+            report.after_training(job.args, outputs, workers=job.workers, cross_validated=job.cv is not None)
     return 0
 
 
@@ -632,18 +581,21 @@ def write_metrics(job):
     summary = {"backbone": {"name": args.backbone, "why": job.why, "image_size": args.image_size},
                "best_epoch": state["best_epoch"], "history": state["history"]}
     if job.cv:
-        summary["cross_validation"] = {"folds": job.folds, "epochs": job.cv["epochs"], "history": job.cv["history"],
+        summary["cross_validation"] = {"folds": job.folds, "repeats": args.repeats, "epochs": job.cv.epochs,
+                                       "history": job.cv.history,
                                        "note": "validation numbers are out-of-fold: each image scored by a head "
-                                               "that did not train on it"}
-    best = job.cv["best"] if job.cv else job.best
-    history = job.cv["history"] if job.cv else state["history"]
+                                               "that did not train on it (the mean over the repeats)"}
+    best = (job.cv.probabilities, job.targets[job.cv.index].numpy(), job.cv.thresholds, job.cv.notes) if job.cv \
+        else job.best
+    history = job.cv.history if job.cv else state["history"]
     if best is not None:
         scores, y, thresholds, notes = best
         tuned = attribute_metrics(scores, y, thresholds, attributes)
         summary["validation"] = to_json({k: v for k, v in tuned.items() if k != "notes"})
         at_half = attribute_metrics(scores, y, [0.5] * len(attributes), attributes)
         summary["validation_at_0.5"] = to_json({k: v for k, v in at_half.items() if k != "notes"})
-        log(f"cross-validated (out-of-fold) after {job.cv['epochs']} epochs, thresholds {args.thresholds}:" if job.cv
+        log(f"cross-validated (out-of-fold, mean of {args.repeats}) after {job.cv.epochs} epochs, thresholds "
+            f"{args.thresholds}:" if job.cv
             else f"validation at the best epoch ({state['best_epoch']}), thresholds {args.thresholds}:")
         log(format_table(tuned))
         for note in notes:
@@ -672,7 +624,10 @@ def run(args):
             return 130
         with small_matmuls(job.cached and job.device.type == "cpu"):
             if job.folds and not cross_validate(job):
-                log("interrupted during cross-validation: nothing trained")
+                job.pending["last"] = resume_checkpoint(job, model_checkpoint(
+                    job, [0.5] * len(job.attributes), epoch=0, val_map=None))
+                log(f"interrupted during cross-validation after {job.oof_state.heads_done} of "
+                    f"{args.repeats * args.folds} heads: continue with --resume {job.outputs['last']}")
                 return 130
             fit(job)
     finally:

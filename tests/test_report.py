@@ -103,6 +103,9 @@ def test_the_page_is_self_contained_escapes_names_and_lists_the_unreadable_image
     assert "odd<b>" not in text and "bad<i>" not in text
     assert any(BROKEN in row[0] for row in page.tables["unreadable"])  # the parser unescapes: the name came through
     assert "bad&lt;i&gt;&amp;&quot;x&#x27;.jpg" in text
+    # Each heading names the thresholds the model predicts with (0.5 here); a validation split has no audit.
+    assert "<h2>Per attribute, threshold 0.5</h2>" in text and "Most confident mistakes, threshold 0.5" in text
+    assert "The audit needs out-of-fold predictions" in text
 
 
 def test_gallery_and_tables_escape_every_name():
@@ -135,7 +138,11 @@ window.addEventListener('load', () => {
   const result = {errors: window.__errors, images: images.length,
                   broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
                   metrics: [...document.querySelectorAll('#metrics tr')]
-                             .map(r => [...r.cells].map(c => c.textContent))};
+                             .map(r => [...r.cells].map(c => c.textContent)),
+                  width: document.documentElement.scrollWidth,
+                  wide: [...document.querySelectorAll('table, ul, figure, .figs, h1, h2, p')]
+                          .filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth)
+                          .map(e => e.id || e.tagName)};
   const out = document.createElement('pre');
   out.id = 'probe';
   out.textContent = JSON.stringify(result);
@@ -146,13 +153,14 @@ window.addEventListener('load', () => {
 
 @pytest.mark.skipif(not chromium(), reason="chromium is not installed (apt-get install chromium; .ci/run does it)")
 def test_the_page_in_headless_chromium(trained, tmp_path):
-    """No console errors, every <img> decoded (naturalWidth > 0), the metrics table holds metrics.json's numbers;
-    a screenshot is saved beside the report."""
+    """No console errors, every <img> decoded (naturalWidth > 0), the metrics table holds metrics.json's numbers,
+    nothing is wider than a 1280-pixel window; a screenshot is saved beside the report."""
     probe = tmp_path / "probe.html"
     probe.write_text((trained / "report.html").read_text(encoding="utf-8").replace("<head>", "<head>" + PROBE, 1),
                      encoding="utf-8")
     common = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+              "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+              "--window-size=1280,2400"]
     done = subprocess.run([*common, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.S)
     assert found, done.stderr[-2000:]
@@ -160,7 +168,8 @@ def test_the_page_in_headless_chromium(trained, tmp_path):
     assert result["errors"] == []
     assert result["images"] == len(parsed(trained).images) > 0 and result["broken"] == []
     assert shown_rows(result["metrics"]) == expected_rows(trained)
+    assert result["width"] <= 1280 and result["wide"] == []
     shot = trained / "report_screenshot.png"
-    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1300,2400", (trained / "report.html").as_uri()],
+    subprocess.run([*common, f"--screenshot={shot}", (trained / "report.html").as_uri()],
                    capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 10_000

@@ -5,13 +5,18 @@ import re
 import signal
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+import engine
 import evaluate
 import inference
 import train
 from conftest import FAST, ROOT, run_script
+from dataset import parse_labels
+from engine import oof_mismatch, read_oof
+from metrics import attribute_metrics
 
 PRESENT = re.compile(r"^Attributes present: \[('Attr\d'(, 'Attr\d')*)?\]$")
 
@@ -145,6 +150,61 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(path, epochs, tiny_set
     for key in [k for k in reference["model"] if k.startswith("head.")]:
         torch.testing.assert_close(resumed["model"][key], reference["model"][key], rtol=1e-5, atol=1e-6)
     assert json.loads(resumed["state"])["losses"] == pytest.approx(json.loads(reference["state"])["losses"], rel=1e-5)
+
+
+def cv_args(folder, lite0_cache):
+    """A cross-validated run on the sample's pretrained features (160 px, cached once per session), where the
+    out-of-fold mAP still rises after epoch 2, so the final head trains several epochs."""
+    return ["--backbone", "efficientnet_lite0", "--image-size", "160", "--labels", os.path.join(ROOT, "labels.txt"),
+            "--images", os.path.join(ROOT, "images"), "--cache-dir", lite0_cache, "--num-workers", "0",
+            "--folds", "2", "--repeats", "2", "--epochs", "6", "--patience", "0", "--scheduler", "cosine",
+            "--no-report", "--out", str(folder / "model.pth"), "--curve", str(folder / "loss_curve.png")]
+
+
+@pytest.fixture(scope="module")
+def straight_cv(tmp_path_factory, lite0_cache):
+    folder = tmp_path_factory.mktemp("straight_cv")
+    assert train.main(cv_args(folder, lite0_cache)) == 0
+    assert read_oof(str(folder / "oof.npz")).epochs >= 3
+    return folder
+
+
+@pytest.mark.parametrize("moment", ["cross-validation", "first epoch of the final head", "final head"])
+def test_resume_of_a_cross_validated_run_matches_an_uninterrupted_run(moment, straight_cv, lite0_cache, tmp_path,
+                                                                      monkeypatch, capsys):
+    """Ctrl-C (a real SIGINT) during the second repeat's heads, in the final head's first epoch, or after its
+    second epoch; then --resume: model.pth and model_last.pth equal the uninterrupted run's (1e-6), and the heads
+    done before the Ctrl-C are not trained again."""
+    trigger = {"cross-validation": "repeat 1/2:", "first epoch of the final head": "cross-validation (",
+               "final head": "epoch   2/"}[moment]
+
+    def log_then_ctrl_c(message=""):
+        print(message, flush=True)
+        if message.startswith(trigger):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        m.setattr(train, "log", log_then_ctrl_c)
+        m.setattr(engine, "log", log_then_ctrl_c)
+        assert train.main(cv_args(stopped, lite0_cache)) == 130
+    out = capsys.readouterr().out
+    assert f"continue with --resume {stopped / 'model_last.pth'}" in out
+    assert train.main(["--resume", str(stopped / "model_last.pth"), "--num-workers", "0"]) == 0
+    resumed_out = capsys.readouterr().out
+    if moment == "cross-validation":
+        assert "cross-validation after 2 heads" in resumed_out
+        assert "repeat 1/2:" not in resumed_out and "repeat 2/2:" in resumed_out
+    else:
+        assert "repeat " not in resumed_out  # the cross-validation's result came from the checkpoint
+    for name in ("model.pth", "model_last.pth"):
+        resumed = torch.load(stopped / name, weights_only=True)
+        reference = torch.load(straight_cv / name, weights_only=True)
+        assert resumed["epoch"] == reference["epoch"] and resumed["val_map"] == reference["val_map"]
+        for key in [k for k in reference["model"] if k.startswith("head.")]:
+            torch.testing.assert_close(resumed["model"][key], reference["model"][key], rtol=0, atol=1e-6)
+    assert read_oof(str(stopped / "oof.npz")).probabilities == pytest.approx(
+        read_oof(str(straight_cv / "oof.npz")).probabilities, abs=1e-6)
 
 
 def test_a_best_checkpoint_cannot_be_resumed(tiny_set, tmp_path, capsys):
@@ -303,15 +363,13 @@ def test_an_old_format_last_checkpoint_gets_a_clear_error_and_its_best_model_sti
 
 def test_cross_validation_picks_epochs_and_thresholds_out_of_fold_then_trains_on_every_row(tiny_set, tmp_path,
                                                                                             capsys):
-    args = train_args(tiny_set, tmp_path, "--backbone", "mobilenet_v3_large", epochs=4)
+    args = train_args(tiny_set, tmp_path, "--backbone", "mobilenet_v3_large", "--repeats", "2", epochs=4)
     args[args.index("--folds") + 1] = "3"
     assert train.main(args) == 0
     out = capsys.readouterr().out
-    assert "path: cached features (3-fold cross-validation)" in out.splitlines()[0]
+    assert "path: cached features (3-fold cross-validation x 2)" in out.splitlines()[0]
     assert "24 images used (24 train, 0 validation)" in out
-    folds = re.findall(r"^fold (\d)/3: (\d+) train, (\d+) held out", out, re.M)
-    assert [(int(a), int(b) + int(c)) for a, b, c in folds] == [(1, 24), (2, 24), (3, 24)]
-    assert sorted(int(c) for _, _, c in folds) == [8, 8, 8]
+    assert re.findall(r"^repeat (\d)/2: 3 heads of 4 epochs, 8-8 rows held out each", out, re.M) == ["1", "2"]
     metrics = json.load(open(tmp_path / "metrics.json"))
     chosen = metrics["cross_validation"]["epochs"]
     curve = [h["map"] for h in metrics["cross_validation"]["history"]]
@@ -323,6 +381,16 @@ def test_cross_validation_picks_epochs_and_thresholds_out_of_fold_then_trains_on
     assert ckpt["val_map"] == pytest.approx(curve[chosen - 1])
     assert not (tmp_path / "val_labels.txt").exists()  # no held-out rows: every row trained the final head
     assert len(torch.load(tmp_path / "model_last.pth", weights_only=True)["state"]) > 0
+    # oof.npz: every row once, two fold assignments of 8 + 8 + 8, and the very numbers metrics.json reports.
+    oof = read_oof(str(tmp_path / "oof.npz"))
+    given = parse_labels(tiny_set[0])
+    assert oof.names == list(given.names) and (oof.targets == given.targets).all()
+    assert oof.probabilities.shape == (24, 4) and oof.epochs == chosen and oof.config["repeats"] == 2
+    assert [np.bincount(oof.folds[:, r]).tolist() for r in range(2)] == [[8, 8, 8], [8, 8, 8]]
+    assert (oof.folds[:, 0] != oof.folds[:, 1]).any()
+    recomputed = attribute_metrics(oof.probabilities, oof.targets, [0.5] * 4, oof.attributes)
+    assert recomputed["map"] == pytest.approx(metrics["validation"]["map"], abs=1e-9)
+    assert oof_mismatch(oof, labels_path=tiny_set[0], images=tiny_set[1]) is None
 
 
 def test_offline_default_command_trains_the_packaged_backbone_and_says_why(tiny_set, tmp_path, capsys, torch_home,

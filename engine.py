@@ -1,0 +1,335 @@
+"""The engine below train.py, report.py and audit.py: the one training loop, the cross-validation and the
+out-of-fold predictions it makes, and oof.npz, the file that carries them to the report, the audit and review.py.
+
+Nothing here reads a command line: train.py wires it (`python train.py`), and every setting arrives as train.py's
+argparse namespace (`args`), the recipe of the run. Nothing here imports train.py, report.py or audit.py.
+"""
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import distributed
+from data_loader import fold_indices
+from loss import make_loss, pos_weights
+from metrics import attribute_metrics, macro_f1
+from model import build_head, flip_tta
+from utils import Progress, UserError, amp_context, atomic_write, log
+
+
+# ---- the loop: one for both paths (cached features and images) and for every head of the cross-validation ----
+
+def lr_factor(step, *, schedule, total_steps, warmup_steps):
+    """The learning rate at an optimizer step as a fraction of --lr (--backbone-lr), nanoGPT's get_lr: a function
+    of the step alone, so a resumed run needs only its step count."""
+    if schedule == "onecycle":
+        # OneCycle's shape: from 1/25 up to 1 (cosine) over the warm-up (30% when not given), then down to 1/25e4.
+        warmup_steps = warmup_steps or int(0.3 * total_steps)
+        start, end = 1 / 25, 1 / 25e4
+        if step < warmup_steps:
+            return start + (1 - start) * (1 - math.cos(math.pi * step / warmup_steps)) / 2
+        t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return end + (1 - end) * (1 + math.cos(math.pi * min(t, 1.0))) / 2
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return (1 + math.cos(math.pi * min(t, 1.0))) / 2
+    return 1.0
+
+
+def schedule(args, *, steps_per_epoch, epochs):
+    """The learning-rate factor of each optimizer step of a run of this many epochs."""
+    total, warmup = steps_per_epoch * epochs, int(args.warmup_epochs * steps_per_epoch)
+    return lambda step: lr_factor(step, schedule=args.scheduler, total_steps=total, warmup_steps=warmup)
+
+
+def train_one_epoch(forward, batches, *, loss_fn, optimizer, lr_at, first_step, device, stop=None, label="train"):
+    """One pass over batches of (indices, x, y); returns (the loss of each optimizer step, images seen). Ends after
+    the step in progress when stop.requested (Ctrl-C)."""
+    losses, seen = [], 0
+    bar = Progress(batches.num_images, label)
+    for indices, x, y in batches:
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_at(first_step + len(losses))
+        loss = loss_fn(forward(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        seen += len(indices)
+        bar(len(indices), f"loss {losses[-1]:.4f}")
+        if stop is not None and stop.requested:
+            break
+    bar.close()
+    return losses, seen
+
+
+@torch.inference_mode()
+def evaluate(forward, batches, *, device, loss_fn=None):
+    """Probabilities (n, K) of the images batches yields, their indices, and the mean loss (None without loss_fn)."""
+    logits, indices, targets = [], [], []
+    for index, x, y in batches:
+        logits.append(forward(x.to(device, non_blocking=True)).float())
+        indices.append(index)
+        targets.append(y)
+    if getattr(batches, "sharded", False):  # each rank scored its share: every rank gets all, in index order
+        logits, indices, targets = distributed.gather_batches(logits, indices, targets, device=device)
+    if not logits:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64), None
+    logits = torch.cat(logits)
+    loss = loss_fn(logits, torch.cat(targets).to(device)).item() if loss_fn is not None else None
+    return torch.sigmoid(logits).cpu().numpy(), np.concatenate(indices), loss
+
+
+def image_forward(model, *, device, amp):
+    """The whole model on image batches (channels_last; the backbone under bf16 autocast with --amp)."""
+    def forward(x):
+        with amp_context(device, amp):
+            return model(x.contiguous(memory_format=torch.channels_last)).float()
+
+    return forward
+
+
+def make_loss_for(args, targets):
+    """The run's loss with pos_weight = negatives / positives of these training rows."""
+    return make_loss(args.loss, pos_weights(targets)[0], focal_gamma=args.focal_gamma, focal_alpha=args.focal_alpha,
+                     asl_gamma_neg=args.asl_gamma_neg, asl_gamma_pos=args.asl_gamma_pos, asl_clip=args.asl_clip)
+
+
+def make_optimizer(head, args, backbone=None):
+    groups = [{"params": list(head.parameters()), "base_lr": args.lr}]
+    backbone_params = [p for p in backbone.parameters() if p.requires_grad] if backbone is not None else []
+    if backbone_params:
+        groups.append({"params": backbone_params, "base_lr": args.backbone_lr})
+    for group in groups:
+        group["lr"] = group["base_lr"]
+    params = [p for g in groups for p in g["params"]]
+    # fused: one pass over each tensor instead of a dozen; a head's step on cached features is half as long
+    # (3.5 vs 7.0 ms at 2048 x 512, 1 thread, docs/speed.md). It takes float tensors on the CPU or a GPU only.
+    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=fused or None)
+
+
+def pick_thresholds(mode, scores, y, attributes):
+    """0.5 for every attribute, or (--thresholds tuned) each attribute's F1-best on these scores; and notes."""
+    if mode == "0.5":
+        return [0.5] * len(attributes), []
+    result = attribute_metrics(scores, y, None, attributes)
+    return [r["threshold"] for r in result["attributes"]], result["notes"]
+
+
+# ---- cross-validation: every row scored out of fold, repeated with other fold assignments ----
+
+@dataclass
+class OutOfFold:
+    """The cross-validation in progress: the fold of each row in each repeat, and per epoch the sum of the
+    out-of-fold probabilities of the heads done so far. A Ctrl-C keeps it in model_last.pth (to_checkpoint) and
+    --resume goes on with the next head: the heads done are not trained again, and each head depends on its own
+    seed alone, so the result is the uninterrupted one."""
+    folds: np.ndarray  # (n, repeats) int64: the fold of each row in each repeat
+    sums: np.ndarray  # (epochs, n, K) float32: per epoch, the sum over the repeats done of the probabilities
+    heads_done: int = 0  # heads (repeat-major, then fold) trained and scored
+    seconds: float = 0.0  # time spent so far (for the log)
+
+    def to_checkpoint(self):
+        return {"folds": torch.from_numpy(self.folds), "sums": torch.from_numpy(self.sums),
+                "heads_done": self.heads_done}
+
+    @classmethod
+    def from_checkpoint(cls, saved):
+        return cls(saved["folds"].numpy(), saved["sums"].numpy().copy(), int(saved["heads_done"]))
+
+
+@dataclass
+class CrossValidation:
+    """What the cross-validation found: the epochs and thresholds of the final head, and the out-of-fold
+    probabilities (the mean over the repeats at the chosen epoch) that the metrics, report and audit read."""
+    index: np.ndarray  # (n,) the rows of the full set that were cross-validated
+    probabilities: np.ndarray  # (n, K) float32
+    folds: np.ndarray  # (n, repeats)
+    epochs: int  # the epoch (1-based) whose mean out-of-fold mAP is best: the final head trains this many
+    history: list  # per epoch: {"epoch", "map", "macro_f1", "ap"} of the mean out-of-fold probabilities
+    thresholds: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def to_checkpoint(self):
+        """Plain tensors and strings (model_last.pth loads with weights_only=True)."""
+        return {"probabilities": torch.from_numpy(self.probabilities), "folds": torch.from_numpy(self.folds),
+                "epochs": self.epochs, "history": json.dumps(self.history),
+                "thresholds": [float(t) for t in self.thresholds], "notes": [str(n) for n in self.notes]}
+
+    @classmethod
+    def from_checkpoint(cls, saved, index):
+        if len(saved["probabilities"]) != len(index):
+            raise UserError("the run being resumed cross-validated other rows: the labels or images changed; "
+                            "start a new run")
+        return cls(index=index, probabilities=saved["probabilities"].numpy(), folds=saved["folds"].numpy(),
+                   epochs=int(saved["epochs"]), history=json.loads(saved["history"]),
+                   thresholds=list(saved["thresholds"]), notes=list(saved["notes"]))
+
+
+def head_seed(seed, repeat, fold, folds):
+    return seed * 1_000 + repeat * folds + fold
+
+
+def start_out_of_fold(targets, *, folds, repeats, epochs, seed):
+    """A new OutOfFold: repeat r's folds are fold_indices with seed (seed, r), so each repeat splits differently."""
+    assignment = np.stack([fold_indices(targets, folds, seed * 1_000 + r) for r in range(repeats)], 1)
+    return OutOfFold(assignment, np.zeros((epochs, len(targets), targets.shape[1]), dtype=np.float32))
+
+
+def out_of_fold(batches, index, targets, *, args, feature_dim, device, state, stop=None):
+    """Train the heads still to do of state (args.repeats x args.folds, each on the other folds of its repeat
+    through train_one_epoch, the run's own head, loss, optimizer and schedule), each scoring its own fold after
+    every epoch (flip TTA with --tta). batches(rows, train) gives the batches of those rows. Returns True when
+    every head is done, False if Ctrl-C stopped it (state holds the heads done)."""
+    num_attributes = targets.shape[1]
+    for h in range(state.heads_done, args.repeats * args.folds):
+        repeat, f = divmod(h, args.folds)
+        started, fold = time.time(), state.folds[:, repeat]
+        torch.manual_seed(head_seed(args.seed, repeat, f, args.folds))  # the head's init and dropout: its own
+        head = build_head(args.head, feature_dim, num_attributes, hidden=args.hidden, dropout=args.dropout).to(device)
+        train_rows, held = index[fold != f], np.flatnonzero(fold == f)
+        train_batches, held_batches = batches(train_rows, True, head_seed(args.seed, repeat, f, args.folds)), \
+            batches(index[held], False, 0)
+        optimizer = make_optimizer(head, args)
+        lr_at = schedule(args, steps_per_epoch=len(train_batches), epochs=args.epochs)
+        forward = flip_tta(head, features=True) if args.tta else head
+        loss_fn = make_loss_for(args, targets[train_rows]).to(device)
+        scores = np.zeros((args.epochs, len(held), num_attributes), dtype=np.float32)
+        for epoch in range(args.epochs):
+            train_batches.set_epoch(epoch)
+            head.train()
+            train_one_epoch(head, train_batches, loss_fn=loss_fn, optimizer=optimizer, lr_at=lr_at,
+                            first_step=epoch * len(train_batches), device=device, stop=stop,
+                            label=f"repeat {repeat + 1} fold {f + 1} epoch {epoch + 1}")
+            if stop is not None and stop.requested:
+                return False
+            head.eval()
+            if len(held):  # in the order of index[held]: FeatureBatches keeps the order it is given
+                scores[epoch] = evaluate(forward, held_batches, device=device)[0]
+        state.sums[:, held] += scores
+        state.heads_done = h + 1
+        state.seconds += time.time() - started
+        if f == args.folds - 1:
+            sizes = np.bincount(fold)
+            log(f"repeat {repeat + 1}/{args.repeats}: {args.folds} heads of {args.epochs} epochs, {sizes.min()}-"
+                f"{sizes.max()} rows held out each, {state.seconds:.1f}s in all")
+    return True
+
+
+def oof_history(scores, y, attributes):
+    """Per epoch the out-of-fold metrics, and the epoch (0-based) with the best mAP (the first of ties)."""
+    history = []
+    for epoch, epoch_scores in enumerate(scores):
+        result = attribute_metrics(epoch_scores, y, None, attributes)
+        history.append({"epoch": epoch + 1, "map": result["map"],
+                        "macro_f1": macro_f1(epoch_scores, y, [0.5] * len(attributes)),
+                        "ap": [r["ap"] for r in result["attributes"]]})
+    maps = [h["map"] for h in history]
+    best = 0 if all(math.isnan(m) for m in maps) else int(np.nanargmax(maps))
+    return history, best
+
+
+def finish_out_of_fold(state, index, targets, *, repeats, attributes, thresholds):
+    """The CrossValidation of a finished OutOfFold: the mean over repeats, its best epoch, the thresholds."""
+    mean = state.sums / repeats
+    y = np.asarray(targets[index])
+    history, best = oof_history(mean, y, attributes)
+    chosen, notes = pick_thresholds(thresholds, mean[best], y, attributes)
+    return CrossValidation(index=index, probabilities=mean[best].copy(), folds=state.folds, epochs=best + 1,
+                           history=history, thresholds=chosen, notes=notes)
+
+
+# ---- oof.npz: the out-of-fold predictions, written by train.py, read by report.py, audit.py and review.py ----
+
+OOF_VERSION = 1
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def images_sha256(paths):
+    """The image files as they are now (path, size, modification time: the feature cache's key of each)."""
+    from feature_cache import image_key
+
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(image_key(path).encode() + b"\n")
+    return h.hexdigest()
+
+
+def write_oof(path, cv, *, names, paths, attributes, targets, labels_path, features, config):
+    """oof.npz: per row its image name, labels (1 / 0 / -1 = NA), out-of-fold probabilities and folds, and what
+    they were made from (the labels file's sha256, the image files' keys, the backbone settings), so a reader can
+    tell a stale file. numpy arrays and strings only: read back with allow_pickle=False."""
+    arrays = {
+        "version": np.array(OOF_VERSION), "names": np.array([str(n) for n in names]),
+        "attributes": np.array([str(a) for a in attributes]), "targets": np.asarray(targets, dtype=np.int8),
+        "probabilities": cv.probabilities.astype(np.float32), "folds": cv.folds.astype(np.int16),
+        "epochs": np.array(cv.epochs), "labels_sha256": np.array(file_sha256(labels_path)),
+        "images_sha256": np.array(images_sha256(paths)), "features": np.array(json.dumps(features, sort_keys=True)),
+        "config": np.array(json.dumps(config, sort_keys=True)),
+        "history": np.array(json.dumps(cv.history)),
+    }
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
+@dataclass
+class OofFile:
+    """oof.npz read back."""
+    names: list
+    attributes: list
+    targets: np.ndarray  # (n, K) int8, NA = -1
+    probabilities: np.ndarray  # (n, K) float32
+    folds: np.ndarray  # (n, repeats)
+    epochs: int
+    labels_sha256: str
+    images_sha256: str
+    features: dict
+    config: dict
+    history: list
+
+
+def read_oof(path):
+    """The OofFile at path; UserError if it is missing, damaged or of another version."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["version"]) != OOF_VERSION:
+                raise UserError(f"{path}: out-of-fold predictions of another version; run train.py again")
+            return OofFile(names=z["names"].tolist(), attributes=z["attributes"].tolist(), targets=z["targets"],
+                           probabilities=z["probabilities"], folds=z["folds"], epochs=int(z["epochs"]),
+                           labels_sha256=str(z["labels_sha256"]), images_sha256=str(z["images_sha256"]),
+                           features=json.loads(str(z["features"])), config=json.loads(str(z["config"])),
+                           history=json.loads(str(z["history"])))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no out-of-fold predictions there (a cross-validated `python train.py` writes "
+                        "them)") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: not a readable oof.npz ({type(e).__name__}); run train.py again") from None
+
+
+def oof_mismatch(oof, *, labels_path, images):
+    """Why oof does not belong to this labels file and images folder (a line), or None when it does."""
+    if oof.labels_sha256 != file_sha256(labels_path):
+        return f"{labels_path} is not the labels file they were made from (or it changed since)"
+    paths = [os.path.join(images, name) for name in oof.names]
+    if not all(os.path.isfile(p) for p in paths) or oof.images_sha256 != images_sha256(paths):
+        return f"the images in {images} are not the ones they were made from (or changed since)"
+    return None

@@ -1,0 +1,186 @@
+"""engine.py: the cross-validation's heads and their out-of-fold rows, an interrupted cross-validation resumed,
+oof.npz read back and recognised when stale, and the imports of the whole project flowing one way."""
+import argparse
+import ast
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+import train
+from conftest import ROOT
+from data_loader import FeatureBatches
+from utils import UserError
+
+
+def recipe(**changes):
+    args = train.parse_args(["--epochs", "3", "--folds", "3", "--repeats", "2", "--batch-size", "4"])
+    for key, value in changes.items():
+        setattr(args, key, value)
+    return args
+
+
+def synthetic(n=30, dim=8, seed=0):
+    """Two views of n feature rows and targets that follow them (one NA per five rows in attribute 1)."""
+    g = np.random.default_rng(seed)
+    x = g.normal(size=(n, 2, dim)).astype(np.float32)
+    y = np.stack([x[:, 0, 0] > 0, x[:, 0, 1] > 0], 1).astype(np.int8)
+    y[::5, 1] = -1
+    return x, torch.from_numpy(y)
+
+
+class Recorded:
+    """A batches(rows, train, seed) factory that remembers the rows each call was given."""
+
+    def __init__(self, features, targets):
+        self.features, self.targets, self.calls = features, targets, []
+
+    def __call__(self, rows, train, seed):
+        self.calls.append((np.array(rows), train))
+        return FeatureBatches(self.features, np.arange(len(self.features)), rows, self.targets, batch_size=4,
+                              shuffle=train, seed=seed, both_views=not train)
+
+
+def test_every_row_is_scored_once_per_repeat_by_a_head_that_never_trained_on_it():
+    x, y = synthetic()
+    args, index = recipe(), np.arange(30)
+    state = engine.start_out_of_fold(y.numpy(), folds=3, repeats=2, epochs=3, seed=0)
+    batches = Recorded(x, y)
+    assert engine.out_of_fold(batches, index, y, args=args, feature_dim=8, device=torch.device("cpu"), state=state)
+    assert state.heads_done == 6 and len(batches.calls) == 12
+    for repeat in range(2):
+        scored = []
+        for f in range(3):
+            (trained, is_train), (held, is_eval) = batches.calls[2 * (repeat * 3 + f): 2 * (repeat * 3 + f) + 2]
+            assert is_train and not is_eval and not set(trained) & set(held)
+            assert sorted([*trained, *held]) == list(range(30))
+            assert (state.folds[held, repeat] == f).all()
+            scored += held.tolist()
+        assert sorted(scored) == list(range(30))
+    assert (state.folds[:, 0] != state.folds[:, 1]).any()
+    # Each epoch's sums hold one probability per repeat: the mean is a probability, and it is not constant.
+    mean = state.sums / 2
+    assert ((mean > 0) & (mean < 1)).all() and mean.std() > 0
+
+
+class StopAfter:
+    """Ctrl-C after a number of optimizer steps (train_one_epoch asks after each step)."""
+
+    def __init__(self, steps):
+        self.left = steps
+
+    @property
+    def requested(self):
+        self.left -= 1
+        return self.left < 0
+
+
+def test_a_stopped_cross_validation_goes_on_with_the_next_head_and_ends_as_if_never_stopped():
+    x, y = synthetic()
+    args, index = recipe(), np.arange(30)
+    settings = dict(args=args, feature_dim=8, device=torch.device("cpu"))
+    straight = engine.start_out_of_fold(y.numpy(), folds=3, repeats=2, epochs=3, seed=0)
+    assert engine.out_of_fold(Recorded(x, y), index, y, state=straight, **settings)
+    stopped = engine.start_out_of_fold(y.numpy(), folds=3, repeats=2, epochs=3, seed=0)
+    # 5 steps a head-epoch (20 rows, batch 4) x 3 epochs: 40 steps end in the third head's first epoch.
+    assert not engine.out_of_fold(Recorded(x, y), index, y, state=stopped, stop=StopAfter(40), **settings)
+    assert stopped.heads_done == 2
+    saved = engine.OutOfFold.from_checkpoint(stopped.to_checkpoint())
+    again = Recorded(x, y)
+    assert engine.out_of_fold(again, index, y, state=saved, **settings)
+    assert len(again.calls) == 2 * 4  # the 4 heads not done, no more
+    np.testing.assert_array_equal(saved.sums, straight.sums)
+    np.testing.assert_array_equal(saved.folds, straight.folds)
+
+
+def test_the_chosen_epoch_is_the_best_mean_out_of_fold_map_and_its_probabilities_are_kept():
+    y = torch.tensor([[1], [0], [1], [0]], dtype=torch.int8)
+    # epoch 1 ranks the rows wrongly, epoch 2 rightly, epoch 3 ties epoch 2 (the first of ties is chosen).
+    sums = np.array([[[0.2], [0.8], [0.3], [0.7]], [[0.9], [0.1], [0.8], [0.2]], [[0.7], [0.3], [0.6], [0.4]]])
+    state = engine.OutOfFold(np.zeros((4, 2), dtype=np.int64), (sums * 2).astype(np.float32), heads_done=4)
+    cv = engine.finish_out_of_fold(state, np.arange(4), y, repeats=2, attributes=["A"], thresholds="0.5")
+    # epoch 1: positives ranked 3rd and 4th, AP = (1/3 + 2/4) / 2 = 5/12
+    assert cv.epochs == 2 and [h["map"] for h in cv.history] == pytest.approx([5 / 12, 1.0, 1.0])
+    np.testing.assert_allclose(cv.probabilities, sums[1], rtol=1e-6)
+    assert cv.thresholds == [0.5]
+
+
+def test_oof_npz_is_read_back_and_a_changed_labels_file_or_image_is_recognised(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (images / name).write_bytes(b"x" * 10)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a.jpg 1 NA\nb.jpg 0 1\n")
+    cv = engine.CrossValidation(index=np.arange(2), probabilities=np.array([[0.9, 0.2], [0.1, 0.7]], np.float32),
+                                folds=np.array([[0], [1]]), epochs=4, history=[{"epoch": 1, "map": 0.5}])
+    path = tmp_path / "oof.npz"
+    engine.write_oof(str(path), cv, names=["a.jpg", "b.jpg"], paths=[str(images / "a.jpg"), str(images / "b.jpg")],
+                     attributes=["Attr1", "Attr2"], targets=np.array([[1, -1], [0, 1]]), labels_path=str(labels),
+                     features={"backbone": "x"}, config={"repeats": 1, "folds": 2})
+    oof = engine.read_oof(str(path))
+    assert oof.names == ["a.jpg", "b.jpg"] and oof.attributes == ["Attr1", "Attr2"] and oof.epochs == 4
+    assert oof.targets.tolist() == [[1, -1], [0, 1]] and oof.config == {"repeats": 1, "folds": 2}
+    np.testing.assert_array_equal(oof.probabilities, cv.probabilities)
+    assert engine.oof_mismatch(oof, labels_path=str(labels), images=str(images)) is None
+    with np.load(path, allow_pickle=False) as z:  # plain arrays: no pickle anywhere
+        assert set(z.files) >= {"names", "probabilities", "folds", "labels_sha256", "images_sha256", "features"}
+    labels.write_text("a.jpg 1 NA\nb.jpg 0 0\n")
+    assert "labels" in engine.oof_mismatch(oof, labels_path=str(labels), images=str(images))
+    labels.write_text("a.jpg 1 NA\nb.jpg 0 1\n")
+    stamp = time.time() + 5
+    os.utime(images / "b.jpg", (stamp, stamp))  # the image was replaced since
+    assert "images" in engine.oof_mismatch(oof, labels_path=str(labels), images=str(images))
+    (images / "b.jpg").unlink()
+    assert "images" in engine.oof_mismatch(oof, labels_path=str(labels), images=str(images))
+    path.write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="not a readable oof.npz"):
+        engine.read_oof(str(path))
+
+
+def test_the_head_optimizer_is_fused_adamw_with_the_runs_learning_rate():
+    head = torch.nn.Linear(3, 2)
+    optimizer = engine.make_optimizer(head, argparse.Namespace(lr=0.01, weight_decay=0.1, backbone_lr=0.0))
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+    assert optimizer.param_groups[0]["lr"] == 0.01 and optimizer.defaults["weight_decay"] == 0.1
+
+
+# ---- imports flow one way ----
+
+def project_imports():
+    """module -> the project modules it imports anywhere in its file (top level or inside a function)."""
+    modules = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    graph = {}
+    for module in modules:
+        tree = ast.parse(open(os.path.join(ROOT, module + ".py"), encoding="utf-8").read())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+        graph[module] = sorted((found & modules) - {module})
+    return graph
+
+
+def test_no_two_files_import_each_other_directly_or_around_a_loop_and_nothing_imports_train():
+    graph = project_imports()
+    assert [m for m, deps in graph.items() if "train" in deps] == []
+    assert "engine" in graph["train"] and "report" in graph["train"]
+    assert not {"train", "report", "audit"} & set(graph["engine"])
+    state = {}
+
+    def visit(module, path):  # depth-first: a module met again while on the path closes a loop
+        if state.get(module) == "done":
+            return
+        assert state.get(module) != "open", "import loop: " + " -> ".join([*path, module])
+        state[module] = "open"
+        for dep in graph[module]:
+            visit(dep, [*path, module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        visit(module, [])
