@@ -24,6 +24,8 @@ let reviewer = null;
 let chain = Promise.resolve(); // the decisions and undos, one after another
 let done = []; // this tab's saved decisions, newest last: {id, item, pos} (pos: null after a filter change)
 let saving = 0;
+let writes = 0; // counts up as each of this page's decisions and undos starts and ends: an answer to a queue
+                // fetch sent before it may not overwrite what the page already shows
 let lastSeen = null; // state.last_id when the items were last refreshed
 let generation = 0; // bumped on each filter change, so late answers for the old filter are dropped
 const images = new Map(); // row -> preloaded Image
@@ -80,13 +82,12 @@ function queueUrl(offset) {
 function loadChunk(start, refresh) {
   if (loading.has(start) && !refresh) return loading.get(start);
   const mine = generation;
+  const stamp = writes;
   const promise = api("GET", queueUrl(start)).then((answer) => {
     if (mine !== generation) return answer;
     total = answer.total;
     answer.items.forEach((item, i) => {
-      const old = items.get(start + i);
-      if (old && old.pending !== undefined && old.pending !== null) item.pending = old.pending;
-      items.set(start + i, item);
+      if (!items.has(start + i) || (stamp === writes && !items.get(start + i).pending)) items.set(start + i, item);
     });
     return answer;
   });
@@ -287,8 +288,10 @@ function decide(value) {
   saving += 1;
   renderSaving();
   if (at + 1 < total) show(at + 1, t0); else renderItem(item);
-  chain = chain.then(() => api("POST", "/api/decisions", { image: item.image, attribute: item.attribute, value,
-    reviewer })).then((stored) => {
+  chain = chain.then(() => {
+    writes += 1;
+    return api("POST", "/api/decisions", { image: item.image, attribute: item.attribute, value, reviewer });
+  }).then((stored) => {
     item.pending = null;
     applyValue(stored.image, stored.attribute, stored.after, stored);
     done.push({ id: stored.id, item, pos: at });
@@ -299,6 +302,7 @@ function decide(value) {
     item.pending = null;
     setStatus("NOT saved: " + item.image + " " + item.attribute + " = " + value + " (" + e.message + ")", true);
   }).finally(() => {
+    writes += 1;
     saving -= 1;
     renderSaving();
     if (items.get(pos)) renderItem(items.get(pos));
@@ -313,11 +317,14 @@ function undo() {
     const body = { reviewer };
     if (last) body.id = last.id;
     let answer;
+    writes += 1;
     try {
       answer = await api("POST", "/api/undo", body);
     } catch (e) {
       setStatus("nothing undone (" + e.message + ")", true);
       return;
+    } finally {
+      writes += 1;
     }
     const u = answer.undone;
     applyValue(u.image, u.attribute, answer.value, answer.decided);

@@ -23,7 +23,7 @@ The JSON API, which the page itself uses:
     POST /api/decisions  {"image", "attribute", "value": "1"|"0"|"NA", "reviewer"}  -> the stored decision
     POST /api/undo       {"reviewer", "id" (optional: else the reviewer's latest)}  -> the decision taken back
     GET  /api/export                                     the labels text with the decisions applied
-    GET  /api/image/ROW, /api/gradcam/ROW/ATTRIBUTE      the image of a row of the queue's data, its Grad-CAM (PNG)
+    GET  /api/image/ROW, /api/gradcam/ROW/COLUMN         an item's image (by its row), its Grad-CAM for an attribute (PNG)
 """
 import argparse
 import contextlib
@@ -585,7 +585,7 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
     """The FastAPI app reviewing queue (a Queue of AuditData) into ledger, Grad-CAMs from cams. hosts: the Host
     headers answered (None: any)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import Response
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 

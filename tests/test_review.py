@@ -275,8 +275,10 @@ def test_the_page_decides_by_keyboard_undoes_and_exports(browser, server, setup,
     assert page.locator("#position").inner_text() == f"item 6 of {N * K}"
     assert dialogs == [] and all(u.startswith((server.url, "blob:")) for u in requests), requests
     page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
-    if os.environ.get("REVIEW_SCREENSHOT"):
+    if os.environ.get("REVIEW_SCREENSHOT"):  # the picture and the key-to-screen times, for docs/review.md
         shutil.copy(tmp_path / "review.png", os.environ["REVIEW_SCREENSHOT"])
+        with open(os.environ["REVIEW_SCREENSHOT"] + ".timings.json", "w") as f:
+            json.dump(timings, f)
     page.close()
 
 
