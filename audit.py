@@ -115,7 +115,7 @@ def check_train_flags(flags):
     exits): a wrong one is said now, also when a matching oof.npz means train.py will not run at all."""
     if not flags:
         return
-    done = subprocess.run([sys.executable, TRAIN_PY, *flags, "--list-backbones", "-none-"], capture_output=True,
+    done = subprocess.run([sys.executable, TRAIN_PY, *flags, "--list-backbones=-none-"], capture_output=True,
                           text=True)
     if done.returncode != 0:
         said = (done.stderr.strip().splitlines() or ["exit " + str(done.returncode)])[-1]

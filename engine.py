@@ -135,33 +135,44 @@ class OutOfFold:
     folds: np.ndarray  # (n, repeats) int64: the fold of each row in each repeat
     sums: np.ndarray  # (epochs, n, K) float32: per epoch, the sum over the repeats done of the probabilities
     heads_done: int = 0  # heads (repeat-major, then fold) trained and scored
+    current: np.ndarray = None  # (epochs, n, K): the probabilities of the repeat in progress
+    repeat_maps: list = field(default_factory=list)  # per repeat done: its own out-of-fold mAP at each epoch
     seconds: float = 0.0  # time spent so far (for the log)
+
+    def __post_init__(self):
+        if self.current is None:
+            self.current = np.zeros_like(self.sums)
 
     def to_checkpoint(self):
         return {"folds": torch.from_numpy(self.folds), "sums": torch.from_numpy(self.sums),
-                "heads_done": self.heads_done}
+                "current": torch.from_numpy(self.current), "heads_done": self.heads_done,
+                "repeat_maps": json.dumps(self.repeat_maps)}
 
     @classmethod
     def from_checkpoint(cls, saved):
-        return cls(saved["folds"].numpy(), saved["sums"].numpy().copy(), int(saved["heads_done"]))
+        return cls(saved["folds"].numpy(), saved["sums"].numpy().copy(), int(saved["heads_done"]),
+                   saved["current"].numpy().copy(), json.loads(saved["repeat_maps"]))
 
 
 @dataclass
 class CrossValidation:
     """What the cross-validation found: the epochs and thresholds of the final head, and the out-of-fold
-    probabilities (the mean over the repeats at the chosen epoch) that the metrics, report and audit read."""
+    probabilities (the mean over the repeats at the chosen epoch) that the metrics, report and audit read. The mean
+    of R repeats scores each row by R heads at once, an ensemble: repeat_maps says what one cross-validation alone
+    gives, the closer estimate of the single final head."""
     index: np.ndarray  # (n,) the rows of the full set that were cross-validated
     probabilities: np.ndarray  # (n, K) float32
     folds: np.ndarray  # (n, repeats)
     epochs: int  # the epoch (1-based) whose mean out-of-fold mAP is best: the final head trains this many
     history: list  # per epoch: {"epoch", "map", "macro_f1", "ap"} of the mean out-of-fold probabilities
+    repeat_maps: list = field(default_factory=list)  # per repeat: its own out-of-fold mAP at the chosen epoch
     thresholds: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
     def to_checkpoint(self):
         """Plain tensors and strings (model_last.pth loads with weights_only=True)."""
         return {"probabilities": torch.from_numpy(self.probabilities), "folds": torch.from_numpy(self.folds),
-                "epochs": self.epochs, "history": json.dumps(self.history),
+                "epochs": self.epochs, "history": json.dumps(self.history), "repeat_maps": json.dumps(self.repeat_maps),
                 "thresholds": [float(t) for t in self.thresholds], "notes": [str(n) for n in self.notes]}
 
     @classmethod
@@ -171,6 +182,7 @@ class CrossValidation:
                             "start a new run")
         return cls(index=index, probabilities=saved["probabilities"].numpy(), folds=saved["folds"].numpy(),
                    epochs=int(saved["epochs"]), history=json.loads(saved["history"]),
+                   repeat_maps=json.loads(saved["repeat_maps"]),
                    thresholds=list(saved["thresholds"]), notes=list(saved["notes"]))
 
 
@@ -214,7 +226,13 @@ def out_of_fold(batches, index, targets, *, args, feature_dim, device, state, st
             head.eval()
             if len(held):  # in the order of index[held]: FeatureBatches keeps the order it is given
                 scores[epoch] = evaluate(forward, held_batches, device=device)[0]
-        state.sums[:, held] += scores
+        state.current[:, held] = scores
+        if f == args.folds - 1:  # the repeat is whole: into the sums, and its own mAP per epoch noted
+            state.sums += state.current
+            y = np.asarray(targets[index])
+            state.repeat_maps.append([attribute_metrics(e, y, None, [""] * num_attributes)["map"]
+                                      for e in state.current])
+            state.current[:] = 0
         state.heads_done = h + 1
         state.seconds += time.time() - started
         if f == args.folds - 1:
@@ -244,7 +262,8 @@ def finish_out_of_fold(state, index, targets, *, repeats, attributes, thresholds
     history, best = oof_history(mean, y, attributes)
     chosen, notes = pick_thresholds(thresholds, mean[best], y, attributes)
     return CrossValidation(index=index, probabilities=mean[best].copy(), folds=state.folds, epochs=best + 1,
-                           history=history, thresholds=chosen, notes=notes)
+                           history=history, repeat_maps=[float(maps[best]) for maps in state.repeat_maps],
+                           thresholds=chosen, notes=notes)
 
 
 # ---- oof.npz: the out-of-fold predictions, written by train.py, read by report.py, audit.py and review.py ----

@@ -66,6 +66,27 @@ def test_every_row_is_scored_once_per_repeat_by_a_head_that_never_trained_on_it(
     assert ((mean > 0) & (mean < 1)).all() and mean.std() > 0
 
 
+def test_repeat_r_is_the_same_heads_whatever_follows_and_its_own_map_is_kept():
+    """The first repeat of a 2-repeat run is the 1-repeat run (each head depends on its seed alone); the second
+    repeat's share of the sums is a probability per cell; repeat_maps[r] is repeat r's own mAP per epoch."""
+    from metrics import attribute_metrics
+
+    x, y = synthetic()
+    index, cpu = np.arange(30), torch.device("cpu")
+    one = engine.start_out_of_fold(y.numpy(), folds=3, repeats=1, epochs=3, seed=0)
+    assert engine.out_of_fold(Recorded(x, y), index, y, args=recipe(repeats=1), feature_dim=8, device=cpu, state=one)
+    two = engine.start_out_of_fold(y.numpy(), folds=3, repeats=2, epochs=3, seed=0)
+    assert engine.out_of_fold(Recorded(x, y), index, y, args=recipe(), feature_dim=8, device=cpu, state=two)
+    np.testing.assert_array_equal(two.folds[:, 0], one.folds[:, 0])
+    second = two.sums - one.sums
+    assert (second > 0).all() and (second < 1).all() and not np.allclose(second, one.sums)
+    for r, alone in enumerate((one.sums, second)):
+        expected = [attribute_metrics(e, y.numpy(), None, ["a", "b"])["map"] for e in alone]
+        assert two.repeat_maps[r] == pytest.approx(expected, abs=1e-6)
+    cv = engine.finish_out_of_fold(two, index, y, repeats=2, attributes=["a", "b"], thresholds="0.5")
+    assert cv.repeat_maps == pytest.approx([two.repeat_maps[0][cv.epochs - 1], two.repeat_maps[1][cv.epochs - 1]])
+
+
 class StopAfter:
     """Ctrl-C after a number of optimizer steps (train_one_epoch asks after each step)."""
 

@@ -374,6 +374,7 @@ def test_cross_validation_picks_epochs_and_thresholds_out_of_fold_then_trains_on
     chosen = metrics["cross_validation"]["epochs"]
     curve = [h["map"] for h in metrics["cross_validation"]["history"]]
     assert len(curve) == 4 and curve[chosen - 1] == max(curve)
+    assert len(metrics["cross_validation"]["map_of_each_repeat"]) == 2
     assert f"the final head trains {chosen} epochs on all 24 rows" in out
     ckpt = torch.load(tmp_path / "model.pth", weights_only=True)
     assert ckpt["epoch"] == chosen and ckpt["tta"] is True and ckpt["thresholds"] == [0.5] * 4  # the defaults
