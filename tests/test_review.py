@@ -549,17 +549,24 @@ def test_bad_input_is_one_error_line(tmp_path):
     labels.write_text("a.jpg 1 0\n")
     (tmp_path / "folder.sqlite").mkdir()
     (tmp_path / "junk.sqlite").write_bytes(b"this is not a database, just bytes " * 200)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
     cases = [(["--db", tmp_path / "folder.sqlite"], "folder.sqlite: is a folder"),
              (["--db", tmp_path / "junk.sqlite"], "junk.sqlite: cannot write the review database"),
              (["--db", tmp_path / "labels.txt" / "x.sqlite"], "x.sqlite: cannot write the review database"),
              (["--export", labels], "is the labels file"),
              (["--export", tmp_path / "out.txt", "--db", tmp_path / "none.sqlite"], "none.sqlite: no review database"),
-             (["--reviewer", " "], "--reviewer: reviewer must be")]
+             (["--reviewer", " "], "--reviewer: reviewer must be"),
+             (["--bogus", "3"], "--bogus 3: neither review.py's flags nor train.py's"),
+             (["--port", str(taken.getsockname()[1])], "Address already in use")]
     for flags, message in cases:
-        done = run_review("--labels", labels, "--images", tmp_path, "--port", "0", *flags, cwd=tmp_path)
+        done = run_review("--labels", labels, "--images", tmp_path, "--port", "0", "--db", tmp_path / "ok.sqlite",
+                          *flags, cwd=tmp_path)
         assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr, (flags, done)
         assert len(done.stderr.splitlines()) == 1, done.stderr
     assert labels.read_text() == "a.jpg 1 0\n"
+    taken.close()
 
 
 def test_the_export_keeps_the_input_format_and_rewrites_only_the_changed_cells(tmp_path):
