@@ -69,22 +69,26 @@ class AuditData:
 
 
 def audit_data(labels, images, *, model="model.pth", train_flags=(), run_dir=None):
-    """The out-of-fold predictions of the run beside `model` (its oof.npz) when they match these labels and images;
-    else computed by train.py's cross-validation (train_flags pass on: --backbone, --cache-dir, ...), its run kept
-    in run_dir when given (model.pth there is then the model), else in a temporary folder removed afterwards."""
+    """The out-of-fold predictions of the run beside `model` (its oof.npz) when they match these labels and images
+    (or of the run kept in run_dir); else computed by train.py's cross-validation (train_flags pass on: --backbone,
+    --cache-dir, ...), its run kept in run_dir when given (its model.pth is then the model, for Grad-CAM), else in a
+    temporary folder removed afterwards."""
     for path, what in ((labels, "labels file"), (images, "images folder")):
         if not os.path.exists(path):
             raise UserError(f"{path}: {what} not found (give it with --{what.split()[0]})")
-    oof_path, why = os.path.join(os.path.dirname(os.path.abspath(model)), "oof.npz"), None
-    if os.path.isfile(oof_path):
+    kept = os.path.join(run_dir, "model.pth") if run_dir else None
+    for candidate in (model, kept) if kept else (model,):  # the run beside model, else one made here before
+        oof_path = os.path.join(os.path.dirname(os.path.abspath(candidate)), "oof.npz")
+        if not os.path.isfile(oof_path):
+            continue
         try:
             oof = read_oof(oof_path)
             why = oof_mismatch(oof, labels_path=labels, images=images)
         except UserError as e:
             why = str(e)
         if why is None:
-            return from_oof(oof, labels, images, source=f"{oof_path} (the run of {model})",
-                            model=model if os.path.isfile(model) else None)
+            return from_oof(oof, labels, images, source=f"{oof_path} (the run of {candidate})",
+                            model=candidate if os.path.isfile(candidate) else None)
         log(f"audit: {oof_path} not used: {why}")
     folds = argparse.ArgumentParser(add_help=False)
     folds.add_argument("--folds")
@@ -110,7 +114,7 @@ def audit_data(labels, images, *, model="model.pth", train_flags=(), run_dir=Non
                         f"{oof.config.get('backbone')})", model=run_model if run_dir else None)
 
 
-def check_train_flags(flags):
+def check_train_flags(flags, script="audit.py"):
     """Flags meant for train.py, checked by train.py's own parser before anything runs (it lists no backbone and
     exits): a wrong one is said now, also when a matching oof.npz means train.py will not run at all."""
     if not flags:
@@ -119,7 +123,7 @@ def check_train_flags(flags):
                           text=True)
     if done.returncode != 0:
         said = (done.stderr.strip().splitlines() or ["exit " + str(done.returncode)])[-1]
-        raise UserError(f"{' '.join(flags)}: not flags of audit.py nor of train.py ({said.split('error: ')[-1]})")
+        raise UserError(f"{' '.join(flags)}: not flags of {script} nor of train.py ({said.split('error: ')[-1]})")
 
 
 def from_oof(oof, labels, images, *, source, model):

@@ -6,6 +6,7 @@ is kept and only that cell is ignored by the loss and the metrics. Targets are i
 to the batch: a 1M x 228 file takes 228 MB.
 """
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -355,6 +356,57 @@ def write_labels(path, attributes, names, targets, comment=None):
                 f.write(name + " " + " ".join("NA" if v < 0 else str(v) for v in row) + "\n")
 
     atomic_write(path, write)
+
+
+def _read_as_parsed(path):
+    """(prefix, bytes) of a labels file as parse_labels reads it: a UTF-8 BOM set aside (to be written back),
+    UTF-16 as UTF-8; line n of the parser's messages and LabelTable.lines is line n - 1 of bytes.split(b"\\n")."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the labels file ({e.strerror})") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return b"", data.decode("utf-16").encode("utf-8")
+    if data.startswith(b"\xef\xbb\xbf"):
+        return data[:3], data[3:]
+    return b"", data
+
+
+_SEPARATED = re.compile(rb"([\x00-\x20]+)")  # the parser's whitespace on a plain ASCII line: bytes <= 32
+
+
+def _rewrite_line(line, name, old, new):
+    """A labels line with the value cells that differ between old and new (int8 rows) set to new, everything else
+    as it was (separators, a \\r); a line whose fields cannot be matched to the parser's (unusual Unicode spacing)
+    is written plainly."""
+    parts = _SEPARATED.split(line)
+    fields = [j for j, part in enumerate(parts) if part and not _SEPARATED.fullmatch(part)]
+    if len(fields) == len(new) + 1 and parts[fields[0]] == name.encode("utf-8"):
+        for j, a, b in zip(fields[1:], old.tolist(), new.tolist()):
+            if a != b:
+                parts[j] = _TEXT[b].encode()
+        return b"".join(parts)
+    return (name + " " + " ".join(_TEXT[v] for v in new.tolist())).encode("utf-8") + \
+        (b"\r" if line.endswith(b"\r") else b"")
+
+
+_TEXT = {1: "1", 0: "0", -1: "NA"}
+
+
+def rewrite_labels(path, table, targets, comments=()):
+    """The bytes of the labels file at path (which parse_labels read into table) with each value cell where
+    targets (int8, NA = -1) differs from table.targets set to targets; every other byte stays as it was (header or
+    none, comments, separators, CRLF line ends, a BOM, the rows whose image is missing). comments: lines starting
+    with # that go first."""
+    prefix, data = _read_as_parsed(path)
+    lines = data.split(b"\n")
+    for i in np.flatnonzero((np.asarray(targets) != table.targets).any(1)).tolist():
+        n = table.lines[i] - 1
+        lines[n] = _rewrite_line(lines[n], table.names[i], table.targets[i], np.asarray(targets)[i])
+    newline = b"\r\n" if lines[0].endswith(b"\r") else b"\n"
+    head = b"".join(c.encode("utf-8") + newline for c in comments)
+    return prefix + head + b"\n".join(lines)
 
 
 def drop_missing_images(table, images_dir, report):

@@ -8,7 +8,8 @@ The queue is every cell of the readable rows: the known cells most likely wrong 
 the NA cells with the most confident suggestions (audit.audit_rows' order). It is built on the run's out-of-fold
 predictions (oof.npz beside --model) when they match these labels, else computed as audit.py does: train.py's
 cross-validation, with any train.py flag given here (--backbone, --cache-dir, ...), on the same feature cache (so
-seconds after a first run).
+seconds after a first run); that run (model.pth, oof.npz) is kept in review_run/ beside the database, where its
+model draws the Grad-CAMs and the next review finds it.
 
 Every decision is one row of review.sqlite (beside the labels file, or --db): image, attribute, value before,
 value after, time, reviewer. It is acknowledged only after its transaction commits (WAL, synchronous=FULL), so
@@ -28,7 +29,6 @@ The JSON API, which the page itself uses:
 import argparse
 import contextlib
 import datetime
-import hashlib
 import io
 import json
 import os
@@ -42,7 +42,9 @@ from collections import Counter, OrderedDict
 
 import numpy as np
 
+import web
 from utils import Report, UserError, atomic_write, check_writable, log, run_cli
+from web import Refused, error_response, read_json
 
 HOST = "127.0.0.1"  # this machine only; reviewing from others is an explicit --host 0.0.0.0
 PORT = 8001  # serve.py has 8000
@@ -87,37 +89,16 @@ def parse_args(argv=None):
     return args
 
 
-def check_train_flags(flags):
-    """The flags review.py does not know must be train.py's: said now, not after the audit's first minutes."""
-    if not flags:
-        return
-    import train
-
-    message = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(message):
-            train.parse_args(list(flags))
-    except SystemExit:
-        reason = message.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
-        raise UserError(f"{' '.join(flags)}: neither review.py's flags nor train.py's ({reason})") from None
-
-
 # ---- the queue's data ----
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def load_audit(args):
     """The audit's AuditData for args.labels: the run's out-of-fold predictions (the oof.npz beside --model) when they
     match these labels and images, else computed by train.py's cross-validation (audit.audit_data)."""
     import audit
 
-    return audit.audit_data(args.labels, args.images, model=args.model, train_flags=args.train_flags)
+    # A run made here is kept beside the database: its model draws the Grad-CAMs, and the next review reuses it.
+    return audit.audit_data(args.labels, args.images, model=args.model, train_flags=args.train_flags,
+                            run_dir=os.path.splitext(args.db)[0] + "_run")
 
 
 class Queue:
@@ -353,59 +334,17 @@ class Ledger:
         self.db.close()
 
 
-class Refused(Exception):
-    """An answer other than 200: status, message, extra headers."""
-
-    def __init__(self, status, message, headers=None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
-
-
 # ---- the export ----
-
-def read_as_parsed(path):
-    """(prefix, bytes) of a labels file as dataset.parse_labels reads it: a UTF-8 BOM set aside (to be written back),
-    UTF-16 as UTF-8; line n of the parser's messages and LabelTable.lines is line n - 1 of bytes.split(b"\\n")."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the labels file ({e.strerror})") from None
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return b"", data.decode("utf-16").encode("utf-8")
-    if data.startswith(b"\xef\xbb\xbf"):
-        return data[:3], data[3:]
-    return b"", data
-
-
-_SEPARATED = re.compile(rb"([\x00-\x20]+)")  # the parser's whitespace on a plain ASCII line: bytes <= 32
-
-
-def rewrite_line(line, name, old, new):
-    """A labels line with the value cells that differ between old and new (int8 rows) set to new, everything else
-    as it was (separators, a \\r); a line whose fields cannot be matched to the parser's (unusual Unicode spacing)
-    is written plainly."""
-    parts = _SEPARATED.split(line)
-    fields = [j for j, part in enumerate(parts) if part and not _SEPARATED.fullmatch(part)]
-    if len(fields) == len(new) + 1 and parts[fields[0]] == name.encode("utf-8"):
-        for j, a, b in zip(fields[1:], old.tolist(), new.tolist()):
-            if a != b:
-                parts[j] = TEXT[b].encode()
-        return b"".join(parts)
-    return (name + " " + " ".join(TEXT[v] for v in new.tolist())).encode("utf-8") + \
-        (b"\r" if line.endswith(b"\r") else b"")
-
 
 def reviewed_labels(labels, ledger):
     """The labels file's bytes with the decisions that hold applied, and what they did: {counts, conflicts,
     skipped}. Only the lines of changed rows are rewritten; a comment line of counts (and one per conflict: a cell
     two reviewers decided differently, where the latest decision is taken) goes first."""
-    from dataset import parse_labels
+    from dataset import parse_labels, rewrite_labels
+    from engine import file_sha256
 
-    prefix, data = read_as_parsed(labels)
+    before = file_sha256(labels)
     table = parse_labels(labels, Report(stream=io.StringIO()))  # the parser's warnings were said when reviewing
-    if read_as_parsed(labels)[1] != data:
-        raise UserError(f"{labels}: changed while being exported; export again")
     row_of = {name: i for i, name in enumerate(table.names)}
     column_of = {a: k for k, a in enumerate(table.attributes)}
     targets, counts, conflicts, skipped = table.targets.copy(), Counter(changed=0, na_filled=0, kept=0), [], 0
@@ -424,11 +363,6 @@ def reviewed_labels(labels, ledger):
         if len(set(by_reviewer.values())) > 1:
             conflicts.append({"image": table.names[i], "attribute": table.attributes[k], "value": latest["after"],
                               "reviewer": latest["reviewer"], "decisions": by_reviewer})
-    lines = data.split(b"\n")
-    for i in np.flatnonzero((targets != table.targets).any(1)).tolist():
-        n = table.lines[i] - 1
-        lines[n] = rewrite_line(lines[n], table.names[i], table.targets[i], targets[i])
-    newline = b"\r\n" if lines[0].endswith(b"\r") else b"\n"
     reviewers = sorted({d["reviewer"] for d in rows.values()})
     head = [f"# review.py: {counts['changed']} cells changed, {counts['na_filled']} NA filled, {counts['kept']} kept "
             f"({sum(counts.values())} cells reviewed by {', '.join(reviewers) or 'nobody'}; "
@@ -437,7 +371,9 @@ def reviewed_labels(labels, ledger):
             + (f"; {skipped} decided cells are not in this file" if skipped else "") + ")"]
     head += [f"# conflict: {c['image']} {c['attribute']} -> {c['value']} ({c['reviewer']}, the latest); "
              + ", ".join(f"{who} {value}" for who, value in c["decisions"].items()) for c in conflicts]
-    text = prefix + newline.join(h.encode("utf-8") for h in head) + newline + b"\n".join(lines)
+    text = rewrite_labels(labels, table, targets, comments=head)
+    if file_sha256(labels) != before:
+        raise UserError(f"{labels}: changed while being exported; export again")
     return text, {"counts": dict(counts), "conflicts": conflicts, "skipped": skipped}
 
 
@@ -519,40 +455,6 @@ class Cams:
 
 # ---- the server ----
 
-def error_response(status, message, headers=None, **extra):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
-
-
-async def read_json(request):
-    """The JSON object of a POST body: application/json (a form a foreign page could post is refused), at most
-    MAX_BODY bytes, refused on its Content-Length before a byte is read."""
-    from starlette.requests import ClientDisconnect
-
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/json":
-        raise Refused(415, f"content type {kind or '(none)'} not accepted; send application/json")
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-        raise Refused(413, f"the body is more than {MAX_BODY} bytes")
-    body = b""
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY:
-                raise Refused(413, f"the body is more than {MAX_BODY} bytes")
-    except ClientDisconnect:
-        raise Refused(400, "the client went away before sending the whole body") from None
-    try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise Refused(400, "the body is not JSON") from None
-    if not isinstance(value, dict):
-        raise Refused(400, "the body must be a JSON object")
-    return value
-
-
 def reviewer_of(body, default):
     reviewer = body.get("reviewer", default)
     if reviewer is None or reviewer == "":
@@ -571,6 +473,8 @@ class LabelsWatch:
         self.path, self.sha256, self.seen, self.changed = path, sha256, None, False
 
     def check(self):
+        from engine import file_sha256
+
         try:
             st = os.stat(self.path)
             stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
@@ -665,7 +569,7 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
 
     @app.post("/api/decisions")
     async def post_decision(request: Request):
-        body = await read_json(request)
+        body = await read_json(request, MAX_BODY)
         image, attribute, value = body.get("image"), body.get("attribute"), body.get("value")
         if not isinstance(image, str) or image not in queue.row_of:
             raise Refused(400, f"unknown image {image!r}: not a row of the queue")
@@ -680,7 +584,7 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
 
     @app.post("/api/undo")
     async def post_undo(request: Request):
-        body = await read_json(request)
+        body = await read_json(request, MAX_BODY)
         reviewer = reviewer_of(body, args.reviewer)
         decision_id = body.get("id")
         if decision_id is not None and (not isinstance(decision_id, int) or isinstance(decision_id, bool)):
@@ -787,6 +691,8 @@ def listen(host, port):
 def serve(args):
     import uvicorn
 
+    import audit
+
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port} must be from 0 to 65535")
     if args.reviewer is not None:
@@ -794,7 +700,7 @@ def serve(args):
             args.reviewer = reviewer_of({"reviewer": args.reviewer}, None)
         except Refused as e:
             raise UserError(f"--reviewer: {e.message}") from None
-    check_train_flags(args.train_flags)
+    audit.check_train_flags(args.train_flags, script="review.py")
     ledger = Ledger(args.db)  # before the audit: a database that cannot be written fails at once
     sock = listen(args.host, args.port)
     started = time.time()
@@ -809,19 +715,7 @@ def serve(args):
         f"of {len(queue.names)} images; {data.source} ({time.time() - started:.1f}s); decisions in {args.db}")
     log(f"open http://{host}:{port}/ (Ctrl-C or SIGTERM to stop)")
 
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):  # a server stopped as asked exits 0 (uvicorn would re-raise the signal)
-            import signal
-
-            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-
-    server = Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    server = web.server_class()(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
     try:
         server.run(sockets=[sock])
     finally:

@@ -20,16 +20,17 @@ import hmac
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
+import web
 from images import load_image
 from inference import load_model, record
 from utils import UserError, run_cli
+from web import Refused, error_response, read_body
 
 HOST = "127.0.0.1"  # this machine only; serving others is an explicit --host 0.0.0.0
 PORT = 8000
@@ -181,43 +182,6 @@ class Batcher:
         self.executor.shutdown(wait=True)
 
 
-class Refused(Exception):
-    """An answer other than 200: status, message, extra headers."""
-
-    def __init__(self, status, message, headers=None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
-
-
-def error_response(status, message, headers=None, **extra):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
-
-
-async def read_body(request, limit):
-    """The whole body, refused with 413 as soon as it is known to pass limit: by its Content-Length before a byte
-    is read, else (chunked) by counting while it streams in."""
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise Refused(400, "Content-Length is not a number")
-        if int(length) > limit:
-            raise Refused(413, f"the request body is {int(length)} bytes, more than the limit of {limit} (--max-body)")
-    from starlette.requests import ClientDisconnect
-
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise Refused(413, f"the request body is more than the limit of {limit} bytes (--max-body)")
-            chunks.append(chunk)
-    except ClientDisconnect:  # nobody to answer; counted as a 400, not as a server error
-        raise Refused(400, "the client went away before sending the whole body") from None
-    return b"".join(chunks)
-
-
 async def uploads(request, args):
     """[(name, file object)] from a multipart body (parts named `file`) or a raw image body."""
     import io
@@ -229,7 +193,7 @@ async def uploads(request, args):
     if kind != "multipart/form-data" and not kind.startswith("image/"):
         raise Refused(415, f"content type {kind or '(none)'} not accepted; send multipart/form-data with parts "
                            f"named file, or one image with an image/* content type")
-    body = await read_body(request, args.max_body)
+    body = await read_body(request, args.max_body, flag="--max-body")
     if kind.startswith("image/"):
         return [(request.query_params.get("name") or "image", io.BytesIO(body))]
 
@@ -456,9 +420,7 @@ def app_from_env():
 
 
 def server_class():
-    import uvicorn
-
-    class Server(uvicorn.Server):
+    class Server(web.server_class()):
         """uvicorn's server, which on SIGTERM or Ctrl-C stops accepting, lets the requests in flight (and so the
         images queued for them) be answered, then exits 0: uvicorn re-raises the signal after its graceful
         shutdown, and a server that stopped as asked is not a failure. /readyz says 503 meanwhile."""
@@ -470,15 +432,6 @@ def server_class():
             if app is not None:
                 app.state.serve.draining = True
             super().handle_exit(sig, frame)
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
 
         async def startup(self, sockets=None):
             await super().startup(sockets)

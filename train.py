@@ -28,9 +28,9 @@ import distributed
 from data_loader import FeatureBatches, ImageBatches, split_indices
 from dataset import (eval_transform, format_counts, label_counts, load_dataset, load_image, train_transform,
                      write_labels)
-from engine import (CrossValidation, OutOfFold, evaluate, finish_out_of_fold, image_forward, lr_factor,  # noqa: F401
-                    make_loss_for, make_optimizer, out_of_fold, pick_thresholds, schedule, start_out_of_fold,
-                    train_one_epoch, write_oof)
+from engine import (CrossValidation, OutOfFold, evaluate, finish_out_of_fold, image_forward, make_loss_for,
+                    make_optimizer, out_of_fold, pick_thresholds, schedule, start_out_of_fold, train_one_epoch,
+                    write_oof)
 from figures import loss_curve_figure, metrics_figure, save_figure
 from loss import LOSSES, pos_weights
 from metrics import attribute_metrics, format_table, macro_f1, to_json
@@ -609,6 +609,15 @@ def write_metrics(job):
                      job.targets[job.val_idx])
         log(f"wrote {outputs['val_labels']} (check with: python evaluate.py --labels {outputs['val_labels']} "
             f"--images {args.images} --model {outputs['best']})")
+    if job.cv is None and os.path.isfile(outputs["oof"]) and distributed.is_main():
+        # An earlier run's out-of-fold predictions beside this run's model would be taken for this run's.
+        try:
+            os.remove(outputs["oof"])
+            log(f"removed {outputs['oof']}: an earlier run's out-of-fold predictions (this run does not "
+                "cross-validate)")
+        except OSError as e:
+            print(f"warning: {outputs['oof']}: an earlier run's out-of-fold predictions, not removed ({e.strerror}); "
+                  "report.py and audit.py would take them for this run's", file=sys.stderr)
     summary["warnings"] = {"counts": dict(report.counts), "messages": report.messages}
     write_json(outputs["metrics"], to_json(summary))
     log(f"wrote {outputs['metrics']}")

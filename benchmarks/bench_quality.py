@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import model as model_py  # noqa: E402
+import engine  # noqa: E402
 import train  # noqa: E402
 from data_loader import FeatureBatches  # noqa: E402
 from dataset import load_dataset  # noqa: E402
@@ -123,7 +124,7 @@ def test_scores(model_path, labels, images, cache_dir):
     batches = FeatureBatches(features, rows, np.flatnonzero(ok), targets, batch_size=256, shuffle=False, seed=0,
                              both_views=tta)
     forward = flip_tta(model.head, features=True) if tta else model.head
-    scores, index, _ = train.evaluate(forward, batches, device=torch.device("cpu"))
+    scores, index, _ = engine.evaluate(forward, batches, device=torch.device("cpu"))
     return scores, targets[index].numpy(), ckpt
 
 

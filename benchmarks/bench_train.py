@@ -47,6 +47,7 @@ from common import cpu_seconds, fmt, forward_ceiling, load_average, machine_line
 import torch  # noqa: E402  (after common, which puts the repo root on sys.path)
 
 import feature_cache  # noqa: E402
+import engine  # noqa: E402
 import train  # noqa: E402
 from data_loader import FeatureBatches, split_indices  # noqa: E402
 from dataset import (IMAGENET_MEAN, IMAGENET_STD, ImageDataset, collate, eval_transform,  # noqa: E402
@@ -325,7 +326,7 @@ def sweep(paths, args, ceiling):
 
 def noise_floor(labels, images, args, cache_dir, seeds):
     """Last-epoch validation mAP of head-only training on the warm feature cache for several data-order seeds,
-    everything else fixed: (c)'s own loop (train.train_one_epoch over FeatureBatches, AdamW, masked BCE) with
+    everything else fixed: (c)'s own loop (engine.train_one_epoch over FeatureBatches, AdamW, masked BCE) with
     only the batches' seed changed. Seed args.seed repeats (c)'s own order, so its mAP should equal (c)'s."""
     seed_everything(args.seed)
     report = Report(stream=io.StringIO())
@@ -352,7 +353,7 @@ def noise_floor(labels, images, args, cache_dir, seeds):
     maps = []
     for seed in seeds:
         model.head.load_state_dict(head0)
-        optimizer = train.make_optimizer(model.head, train.parse_args(["--lr", str(train.LR)]))
+        optimizer = engine.make_optimizer(model.head, train.parse_args(["--lr", str(train.LR)]))
         loss_fn = make_loss("bce", pos_weight)
         batches = FeatureBatches(features, rows, train_idx, targets, batch_size=args.batch_size, shuffle=True,
                                  seed=seed)
@@ -360,11 +361,11 @@ def noise_floor(labels, images, args, cache_dir, seeds):
         for epoch in range(args.epochs):
             batches.set_epoch(epoch)
             model.train()
-            train.train_one_epoch(model.head, batches, loss_fn=loss_fn, optimizer=optimizer, lr_at=lambda step: 1.0,
+            engine.train_one_epoch(model.head, batches, loss_fn=loss_fn, optimizer=optimizer, lr_at=lambda step: 1.0,
                                   first_step=0, device=cpu, stop=stop, label="noise floor")
         stop.restore()
         model.eval()
-        scores, index, _ = train.evaluate(model.head, val_batches, device=cpu)
+        scores, index, _ = engine.evaluate(model.head, val_batches, device=cpu)
         maps.append(attribute_metrics(scores, targets[index].numpy(), [0.5] * len(attributes), attributes)["map"])
     return np.asarray(maps)
 

@@ -759,3 +759,25 @@ def test_load_dataset_gives_int8_targets_that_share_the_parsed_array(tmp_path):
     table, paths, targets = dataset.load_dataset(write(tmp_path, "a.jpg 1 NA\nb.jpg 0 1\n"), str(images), quiet())
     assert targets.dtype == torch.int8 and targets.tolist() == [[1, NA], [0, 1]]
     assert targets.numpy().base is not None and np.shares_memory(targets.numpy(), table.targets)  # no copy
+
+
+def test_rewrite_labels_changes_only_the_decided_cells_and_keeps_every_other_byte(tmp_path):
+    """A BOM, CRLF line ends, a header, a comment, tabs, a row whose image is missing: only the two cells set
+    differently change, the comments given go first, and the parser reads back the new values."""
+    from dataset import rewrite_labels
+
+    path = tmp_path / "labels.txt"
+    original = ("\ufeffimage_name\tsleeves colour\r\n# a note\r\na.jpg\t1  NA\r\nb.jpg 0 0\r\nc.jpg 1 1\r\n")
+    path.write_bytes(original.encode("utf-8"))
+    table = parse_labels(str(path))
+    targets = table.targets.copy()
+    targets[0, 1] = 0  # NA -> 0
+    targets[2, 0] = -1  # 1 -> NA
+    text = rewrite_labels(str(path), table, targets, comments=["# reviewed: 2 cells"])
+    assert text == ("\ufeff# reviewed: 2 cells\r\nimage_name\tsleeves colour\r\n# a note\r\na.jpg\t1  0\r\n"
+                    "b.jpg 0 0\r\nc.jpg NA 1\r\n").encode("utf-8")
+    out = tmp_path / "out.txt"
+    out.write_bytes(text)
+    again = parse_labels(str(out))
+    assert again.names == table.names and again.attributes == ["sleeves", "colour"]
+    assert (again.targets == targets).all()

@@ -187,14 +187,14 @@ def test_a_bad_labels_file_ends_every_rank_with_one_error_line(tiny_set, tmp_pat
     assert "Traceback" not in stderr and str(bad) in stderr
 
 
-# One epoch of train.train_one_epoch on the full loop's pieces, with or without torchrun: DDP over a model whose
+# One epoch of engine.train_one_epoch on the full loop's pieces, with or without torchrun: DDP over a model whose
 # last block trains with its BatchNorm frozen (eval), the loader's global batches split by GlobalBatchShard, and
 # the loss normalized by the global count of known cells (naive: each rank's own mean, which DDP then averages).
 STEP_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
 import numpy as np, torch
-import distributed, train
+import distributed, engine, train
 from data_loader import ImageBatches
 from dataset import eval_transform, load_dataset
 from loss import make_loss, pos_weights
@@ -224,7 +224,7 @@ def one_epoch(paths, targets, naive, out):
                            batch_size=8, shuffle=True, num_workers=0, seed=3, device=torch.device("cpu"),
                            report=Report(), shard=distributed.active())
     batches.set_epoch(1)
-    losses, seen = train.train_one_epoch(train.image_forward(forward, device=torch.device("cpu"), amp=False),
+    losses, seen = engine.train_one_epoch(engine.image_forward(forward, device=torch.device("cpu"), amp=False),
                                          batches, loss_fn=loss_fn, optimizer=optimizer, lr_at=lambda step: 1.0,
                                          first_step=0, device=torch.device("cpu"))
     if distributed.is_main():

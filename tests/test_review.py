@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
+import engine
 import review
 from conftest import ROOT
 from dataset import parse_labels
@@ -113,7 +114,7 @@ def make_data(folder, model=None):
     data = {"labels": labels, "attributes": list(table.attributes), "names": [table.names[i] for i in keep],
             "paths": [os.path.join(images, table.names[i]) for i in keep], "targets": targets.tolist(),
             "probabilities": p.tolist(), "score": [[None if np.isnan(v) else float(v) for v in r] for r in score],
-            "source": "generated for the tests", "model": model, "labels_sha256": review.file_sha256(labels)}
+            "source": "generated for the tests", "model": model, "labels_sha256": engine.file_sha256(labels)}
     path = os.path.join(folder, "audit.json")
     with open(path, "w") as f:
         json.dump(data, f)
@@ -532,11 +533,19 @@ def test_review_py_builds_its_queue_from_the_audit_of_the_labels(tiny_set, tmp_p
             assert it["score"] == pytest.approx(1 - (p if it["given"] == "1" else 1 - p), abs=1e-5)
         assert [it["score"] for it in known] == sorted((it["score"] for it in known), reverse=True)
         assert items[len(known):] == [it for it in items if it["kind"] == "na"]
-        assert not state["gradcam"]
+        # The run it made is kept beside the database: its model draws the Grad-CAMs.
+        run = os.path.join(os.path.dirname(labels), "review_run")
+        assert os.path.isfile(os.path.join(run, "model.pth")) and os.path.isfile(os.path.join(run, "oof.npz"))
+        assert state["gradcam"]
         r = server.get("/api/gradcam/0/0")
-        assert r.status_code == 404 and "no Grad-CAM" in r.json()["error"]
+        assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
     finally:
         assert server.stop() == 0, server.log()
+    # Opened again, it reuses that run (in this process: train.py would be a child process, and is not run).
+    args = review.parse_args(["--labels", labels, "--images", images, "--model", str(tmp_path / "no_model.pth")])
+    data = review.load_audit(args)
+    assert "review_run" in data.source and data.model == os.path.join(run, "model.pth")
+    assert data.targets.shape == table.targets.shape
 
 
 def run_review(*args, cwd):
@@ -544,7 +553,7 @@ def run_review(*args, cwd):
                           capture_output=True, text=True, timeout=60)
 
 
-def test_bad_input_is_one_error_line(tmp_path):
+def test_bad_input_is_one_error_line(tmp_path, capsys):
     labels = tmp_path / "labels.txt"
     labels.write_text("a.jpg 1 0\n")
     (tmp_path / "folder.sqlite").mkdir()
@@ -558,13 +567,14 @@ def test_bad_input_is_one_error_line(tmp_path):
              (["--export", labels], "is the labels file"),
              (["--export", tmp_path / "out.txt", "--db", tmp_path / "none.sqlite"], "none.sqlite: no review database"),
              (["--reviewer", " "], "--reviewer: reviewer must be"),
-             (["--bogus", "3"], "--bogus 3: neither review.py's flags nor train.py's"),
+             (["--bogus", "3"], "--bogus 3: not flags of review.py nor of train.py"),
              (["--port", str(taken.getsockname()[1])], "Address already in use")]
-    for flags, message in cases:
-        done = run_review("--labels", labels, "--images", tmp_path, "--port", "0", "--db", tmp_path / "ok.sqlite",
-                          *flags, cwd=tmp_path)
-        assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr, (flags, done)
-        assert len(done.stderr.splitlines()) == 1, done.stderr
+    for flags, message in cases:  # in this process: each error comes before anything is served
+        code = review.main([str(a) for a in ("--labels", labels, "--images", tmp_path, "--port", "0", "--db",
+                                             tmp_path / "ok.sqlite", *flags)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and message in err, (flags, err)
+        assert len(err.splitlines()) == 1, err
     assert labels.read_text() == "a.jpg 1 0\n"
     taken.close()
 

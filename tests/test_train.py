@@ -285,15 +285,15 @@ def test_no_keep_freed_memory_is_said_in_the_first_line(tiny_set, tmp_path, caps
 
 def test_lr_factor_hand_computed():
     # none: constant; linear warm-up over 4 steps: (step + 1) / 4
-    assert [train.lr_factor(s, schedule="none", total_steps=10, warmup_steps=4) for s in range(5)] == \
+    assert [engine.lr_factor(s, schedule="none", total_steps=10, warmup_steps=4) for s in range(5)] == \
         [0.25, 0.5, 0.75, 1.0, 1.0]
     # cosine after a 2-step warm-up over the 8 steps left: step 6 is halfway, (1 + cos(pi / 2)) / 2 = 0.5
-    assert train.lr_factor(6, schedule="cosine", total_steps=10, warmup_steps=2) == pytest.approx(0.5)
-    assert train.lr_factor(10, schedule="cosine", total_steps=10, warmup_steps=2) == pytest.approx(0.0)
+    assert engine.lr_factor(6, schedule="cosine", total_steps=10, warmup_steps=2) == pytest.approx(0.5)
+    assert engine.lr_factor(10, schedule="cosine", total_steps=10, warmup_steps=2) == pytest.approx(0.0)
     # onecycle, 30% warm-up when none is given: 1/25 at step 0, 1 at step 3 of 10, 1/25e4 at the end
-    assert train.lr_factor(0, schedule="onecycle", total_steps=10, warmup_steps=0) == pytest.approx(1 / 25)
-    assert train.lr_factor(3, schedule="onecycle", total_steps=10, warmup_steps=0) == pytest.approx(1.0)
-    assert train.lr_factor(10, schedule="onecycle", total_steps=10, warmup_steps=0) == pytest.approx(1 / 25e4)
+    assert engine.lr_factor(0, schedule="onecycle", total_steps=10, warmup_steps=0) == pytest.approx(1 / 25)
+    assert engine.lr_factor(3, schedule="onecycle", total_steps=10, warmup_steps=0) == pytest.approx(1.0)
+    assert engine.lr_factor(10, schedule="onecycle", total_steps=10, warmup_steps=0) == pytest.approx(1 / 25e4)
 
 
 def test_the_loop_trains_the_same_head_from_features_and_from_images(tiny_set):
@@ -328,11 +328,11 @@ def test_the_loop_trains_the_same_head_from_features_and_from_images(tiny_set):
         else:
             batches = ImageBatches(paths, index, targets, eval_transform(64), batch_size=8, shuffle=False,
                                    num_workers=0, seed=1, device=torch.device("cpu"), report=report)
-            forward = train.image_forward(m, device=torch.device("cpu"), amp=False)
+            forward = engine.image_forward(m, device=torch.device("cpu"), amp=False)
         batches.set_epoch(2)
-        optimizer = train.make_optimizer(m.head, train.parse_args([]))
+        optimizer = engine.make_optimizer(m.head, train.parse_args([]))
         stop = StopFlag()
-        losses, seen = train.train_one_epoch(forward, batches, loss_fn=MaskedBCE(torch.ones(4)), optimizer=optimizer,
+        losses, seen = engine.train_one_epoch(forward, batches, loss_fn=MaskedBCE(torch.ones(4)), optimizer=optimizer,
                                              lr_at=lambda step: 1.0, first_step=0, device=torch.device("cpu"),
                                              stop=stop, label="test")
         stop.restore()
