@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="model.pth", help="the run whose oof.npz (beside it) is read when it matches")
     p.add_argument("--out", default=".", help="folder for label_audit.csv and labels_suggested.txt")
     p.add_argument("--confident", type=float, default=CONFIDENT, help="probability that fills an NA cell")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args, args.train_flags = p.parse_known_args(argv)
     return args
 
@@ -83,17 +84,17 @@ def audit_data(labels, images, *, model="model.pth", train_flags=(), run_dir=Non
             continue
         try:
             oof = read_oof(oof_path)
-            why = oof_mismatch(oof, labels_path=labels, images=images)
+            why = oof_mismatch(oof, labels_path=labels, images=images, model=candidate)
         except UserError as e:
             why = str(e)
         if why is None:
+            if train_flags:
+                log(f"audit: train.py's flags {' '.join(train_flags)} not used: the run's {oof_path} matches these "
+                    "labels (give another --model to compute them anew with those flags)")
             return from_oof(oof, labels, images, source=f"{oof_path} (the run of {candidate})",
                             model=candidate if os.path.isfile(candidate) else None)
         log(f"audit: {oof_path} not used: {why}")
-    folds = argparse.ArgumentParser(add_help=False)
-    folds.add_argument("--folds")
-    if (folds.parse_known_args(list(train_flags))[0].folds or "").strip() == "0":
-        raise UserError("--folds 0: the audit needs out-of-fold predictions; give 2 or more folds")
+    refuse_without_oof(train_flags)
     with tempfile.TemporaryDirectory(prefix="audit-run-") as temporary:
         folder = run_dir or temporary
         os.makedirs(folder, exist_ok=True)
@@ -102,8 +103,12 @@ def audit_data(labels, images, *, model="model.pth", train_flags=(), run_dir=Non
         command = [sys.executable, TRAIN_PY, "--labels", labels, "--images", images, "--out", run_model,
                    "--curve", os.path.join(folder, "loss_curve.png"), "--no-report", *train_flags]
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
-            for line in child.stdout:  # its log, as it comes (through our streams, which may not be files)
-                print(line, end="", file=sys.stderr, flush=True)
+            try:
+                for line in child.stdout:  # its log, as it comes (through our streams, which may not be files)
+                    print(line, end="", file=sys.stderr, flush=True)
+            except KeyboardInterrupt:  # Ctrl-C reached train.py too: it stops after its step and says so
+                child.wait()
+                raise UserError(f"interrupted: the out-of-fold predictions of {labels} were not finished") from None
         code = child.returncode
         if code != 0:
             raise UserError(f"train.py could not make the out-of-fold predictions of {labels} (exit {code}; its "
@@ -112,6 +117,18 @@ def audit_data(labels, images, *, model="model.pth", train_flags=(), run_dir=Non
         return from_oof(oof, labels, images, source=f"computed now by train.py{' ' if train_flags else ''}"
                         f"{' '.join(train_flags)} ({oof.config.get('repeats', 1)} x {oof.config.get('folds')} folds, "
                         f"{oof.config.get('backbone')})", model=run_model if run_dir else None)
+
+
+def refuse_without_oof(train_flags):
+    """train.py's flags that would make it write no out-of-fold predictions: said before anything runs."""
+    path = argparse.ArgumentParser(add_help=False)
+    for flag in ("--folds", "--unfreeze", "--augment"):
+        path.add_argument(flag, default="")
+    given = path.parse_known_args(list(train_flags))[0]
+    for flag, value in (("--folds", "0"), ("--unfreeze", "last"), ("--augment", "strong")):
+        if getattr(given, flag[2:]).strip() == value:
+            raise UserError(f"{flag} {value}: the audit needs the out-of-fold predictions of train.py's cross-"
+                            "validation (frozen backbone, flip only, 2 or more folds)")
 
 
 def check_train_flags(flags, script="audit.py"):
@@ -128,7 +145,7 @@ def check_train_flags(flags, script="audit.py"):
 
 def from_oof(oof, labels, images, *, source, model):
     return AuditData(labels=labels, attributes=list(oof.attributes), names=list(oof.names),
-                     paths=[os.path.join(images, n) for n in oof.names], targets=np.asarray(oof.targets),
+                     paths=oof.paths(images), targets=np.asarray(oof.targets),
                      probabilities=np.asarray(oof.probabilities), score=label_quality(oof.probabilities, oof.targets),
                      source=source, model=model, labels_sha256=oof.labels_sha256)
 
@@ -234,6 +251,7 @@ def run(args):
     if not 0.5 < args.confident <= 1:
         raise UserError(f"--confident {args.confident} must be in (0.5, 1]")
     check_writable(list(outputs.values()))
+    refuse_without_oof(args.train_flags)
     check_train_flags(args.train_flags)
     data = audit_data(args.labels, args.images, model=args.model, train_flags=args.train_flags)
     rows = audit_rows(data.names, data.attributes, data.targets, data.probabilities, data.score)

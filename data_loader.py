@@ -1,6 +1,6 @@
 """Train/validation split (multi-label iterative stratification, NA-aware), DataLoaders, and the two sources of
 batches the training loop reads: images through a DataLoader, or cached backbone features. Both yield
-(indices, x, y) and have set_epoch(), so train.py's loop cannot tell them apart."""
+(indices, x, y) and have set_epoch(), so the training loop (engine.train_one_epoch) cannot tell them apart."""
 import math
 
 import numpy as np
@@ -244,7 +244,7 @@ class ImageBatches:
 
     def __init__(self, paths, index, targets, transform, *, batch_size, shuffle, num_workers, seed, device, report,
                  shard=False):
-        """shard (under torchrun): this rank's share of each batch; train.evaluate gathers the shares."""
+        """shard (under torchrun): this rank's share of each batch; engine.evaluate gathers the shares."""
         self.sharded = shard
         self.loader = make_loader(Subset(paths, index, transform), batch_size=batch_size, shuffle=shuffle,
                                   num_workers=num_workers, seed=seed, device=device,

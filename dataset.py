@@ -385,13 +385,13 @@ def _rewrite_line(line, name, old, new):
     if len(fields) == len(new) + 1 and parts[fields[0]] == name.encode("utf-8"):
         for j, a, b in zip(fields[1:], old.tolist(), new.tolist()):
             if a != b:
-                parts[j] = _TEXT[b].encode()
+                parts[j] = VALUE_TEXT[b].encode()
         return b"".join(parts)
-    return (name + " " + " ".join(_TEXT[v] for v in new.tolist())).encode("utf-8") + \
+    return (name + " " + " ".join(VALUE_TEXT[v] for v in new.tolist())).encode("utf-8") + \
         (b"\r" if line.endswith(b"\r") else b"")
 
 
-_TEXT = {1: "1", 0: "0", -1: "NA"}
+VALUE_TEXT = {1: "1", 0: "0", -1: "NA"}  # a target as the labels file writes it
 
 
 def rewrite_labels(path, table, targets, comments=()):

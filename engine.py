@@ -19,7 +19,7 @@ from data_loader import fold_indices
 from loss import make_loss, pos_weights
 from metrics import attribute_metrics, macro_f1
 from model import build_head, flip_tta
-from utils import Progress, UserError, amp_context, atomic_write, log
+from utils import Progress, UserError, amp_context, atomic_write, file_sha256, log
 
 
 # ---- the loop: one for both paths (cached features and images) and for every head of the cross-validation ----
@@ -271,14 +271,6 @@ def finish_out_of_fold(state, index, targets, *, repeats, attributes, thresholds
 OOF_VERSION = 1
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def images_sha256(paths):
     """The image files as they are now (path, size, modification time: the feature cache's key of each)."""
     from feature_cache import image_key
@@ -289,16 +281,18 @@ def images_sha256(paths):
     return h.hexdigest()
 
 
-def write_oof(path, cv, *, names, paths, attributes, targets, labels_path, features, config):
+def write_oof(path, cv, *, run_id, names, paths, attributes, targets, labels_path, config):
     """oof.npz: per row its image name, labels (1 / 0 / -1 = NA), out-of-fold probabilities and folds, and what
-    they were made from (the labels file's sha256, the image files' keys, the backbone settings), so a reader can
-    tell a stale file. numpy arrays and strings only: read back with allow_pickle=False."""
+    they were made from (the labels file's sha256, the image files' keys), so a reader can tell a stale file, and the
+    run's id, which its model.pth holds too. numpy arrays and strings only: read back with allow_pickle=False."""
+    if not distributed.is_main():  # rank 0 alone writes files: spare the others the hashing
+        return
     arrays = {
         "version": np.array(OOF_VERSION), "names": np.array([str(n) for n in names]),
         "attributes": np.array([str(a) for a in attributes]), "targets": np.asarray(targets, dtype=np.int8),
         "probabilities": cv.probabilities.astype(np.float32), "folds": cv.folds.astype(np.int16),
         "epochs": np.array(cv.epochs), "labels_sha256": np.array(file_sha256(labels_path)),
-        "images_sha256": np.array(images_sha256(paths)), "features": np.array(json.dumps(features, sort_keys=True)),
+        "images_sha256": np.array(images_sha256(paths)), "run_id": np.array(run_id),
         "config": np.array(json.dumps(config, sort_keys=True)),
         "history": np.array(json.dumps(cv.history)),
     }
@@ -321,9 +315,12 @@ class OofFile:
     epochs: int
     labels_sha256: str
     images_sha256: str
-    features: dict
-    config: dict
+    run_id: str  # the run that wrote it: its model.pth holds the same
+    config: dict  # train.py's settings of that run
     history: list
+
+    def paths(self, images):
+        return [os.path.join(images, name) for name in self.names]
 
 
 def read_oof(path):
@@ -335,20 +332,28 @@ def read_oof(path):
             return OofFile(names=z["names"].tolist(), attributes=z["attributes"].tolist(), targets=z["targets"],
                            probabilities=z["probabilities"], folds=z["folds"], epochs=int(z["epochs"]),
                            labels_sha256=str(z["labels_sha256"]), images_sha256=str(z["images_sha256"]),
-                           features=json.loads(str(z["features"])), config=json.loads(str(z["config"])),
+                           run_id=str(z["run_id"]), config=json.loads(str(z["config"])),
                            history=json.loads(str(z["history"])))
     except FileNotFoundError:
         raise UserError(f"{path}: no out-of-fold predictions there (a cross-validated `python train.py` writes "
                         "them)") from None
-    except (OSError, ValueError, KeyError) as e:
+    except UserError:
+        raise
+    except Exception as e:  # empty, truncated, not a zip, a damaged member, other arrays: all the same to the user
         raise UserError(f"{path}: not a readable oof.npz ({type(e).__name__}); run train.py again") from None
 
 
-def oof_mismatch(oof, *, labels_path, images):
-    """Why oof does not belong to this labels file and images folder (a line), or None when it does."""
+def oof_mismatch(oof, *, labels_path, images, model=None):
+    """Why oof does not belong to this labels file, images folder and (when it exists) model.pth (a line), or None
+    when it does."""
     if oof.labels_sha256 != file_sha256(labels_path):
         return f"{labels_path} is not the labels file they were made from (or it changed since)"
-    paths = [os.path.join(images, name) for name in oof.names]
+    paths = oof.paths(images)
     if not all(os.path.isfile(p) for p in paths) or oof.images_sha256 != images_sha256(paths):
         return f"the images in {images} are not the ones they were made from (or changed since)"
+    if model is not None and os.path.isfile(model):
+        from model import load_checkpoint
+
+        if load_checkpoint(model).get("run_id") != oof.run_id:
+            return f"{model} is from another run than they are (that run did not finish, or is older)"
     return None

@@ -69,7 +69,7 @@ def run(args):
                            eval_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"]),
                            batch_size=args.batch_size, shuffle=False,
                            num_workers=resolve_workers(args.num_workers, device), seed=0, device=device,
-                           report=report, shard=distributed.active())  # train.evaluate gathers the shares
+                           report=report, shard=distributed.active())  # engine.evaluate gathers the shares
     scores, index, _ = evaluate(forward, batches, device=device)
     if not len(index):
         raise UserError(f"{args.labels}: no image could be read")

@@ -16,7 +16,7 @@ from torch import nn
 
 from utils import UserError, atomic_write
 
-# /2: the learning rate is a function of the step (train.lr_factor), so a *_last.pth holds no scheduler state.
+# /2: the learning rate is a function of the step (engine.lr_factor), so a *_last.pth holds no scheduler state.
 # A /1 best model still predicts (same keys); a /1 *_last.pth cannot be resumed.
 CHECKPOINT_FORMAT = "aimonk-multilabel/2"
 PREDICTS_FORMATS = ("aimonk-multilabel/1", CHECKPOINT_FORMAT)
@@ -45,7 +45,7 @@ def _lite_features_class():
     class LiteFeatures(EfficientNet):
         """EfficientNet-Lite giving its pooled last feature map (1280) followed by the pooled output of its last
         block (320 or 352 channels, before the 1x1 head conv): on real photos that second level raised the
-        out-of-fold and the test mAP alike (README, How good is the model). Same weights and state-dict keys."""
+        out-of-fold and the test mAP alike (docs/quality.md). Same weights and state-dict keys."""
 
         def forward(self, x):
             x = self._swish(self._bn0(self._conv_stem(x)))
@@ -101,7 +101,7 @@ BACKBONES = {
                                    ["features.15", "features.16", "classifier"], IMAGENET_NORM, 224),
     "densenet121": Backbone(_torchvision_backbone("densenet121", "classifier"), "IMAGENET1K_V1", 1024,
                             ["features.denseblock4", "features.norm5"], IMAGENET_NORM, 224),
-    # lite0 at 288, not its native 224: better on real photos for 1.65x the pixels (README, How good is the model)
+    # lite0 at 288, not its native 224: better on real photos for 1.65x the pixels (docs/quality.md)
     "efficientnet_lite0": Backbone(_lite_backbone(0), "imagenet", 1280 + 320, ["_blocks.15", "_conv_head", "_bn1"],
                                    LITE_NORM, 288),
     "efficientnet_lite1": Backbone(_lite_backbone(1), "imagenet", 1280 + 320, ["_blocks.20", "_conv_head", "_bn1"],

@@ -44,9 +44,9 @@ JPEG_QUALITY = 80
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Write an HTML report of a trained model.")
     p.add_argument("--model", default="model.pth", help="checkpoint written by train.py")
-    p.add_argument("--labels", default="labels.txt", help="labelled set to report on: the run's labels (cross-"
-                                                          "validated) or its val_labels.txt (--oof none)")
-    p.add_argument("--images", default="images", help="images folder")
+    p.add_argument("--labels", help="labelled set to report on (default: a cross-validated run's own labels file, "
+                                    "else the val_labels.txt beside --model)")
+    p.add_argument("--images", help="images folder (default: the run's)")
     p.add_argument("--out", default="report.html", help="the HTML file")
     p.add_argument("--oof", default="auto", help="the run's out-of-fold predictions: auto (oof.npz beside --model, "
                                                  "when made from --labels) | PATH | none")
@@ -193,11 +193,18 @@ class Shown:
             self.uris.append((jpeg_uri(small), jpeg_uri(heat_overlay(small, cam))))
 
 
+def cross_validated(ckpt):
+    """Whether train.py cross-validated the run of this checkpoint (the cached path with --folds)."""
+    config = ckpt["config"]
+    return bool(config.get("folds")) and config.get("unfreeze", "none") == "none" and \
+        config.get("augment", "flip") == "flip"
+
+
 def thresholds_named(ckpt):
     """The thresholds the model predicts with, in words for the headings."""
     mode = ckpt["config"].get("thresholds", "0.5")
     if mode == "tuned":
-        return "tuned thresholds (each attribute's F1-best" + (" out of fold)" if ckpt["config"].get("folds") else
+        return "tuned thresholds (each attribute's F1-best" + (" out of fold)" if cross_validated(ckpt) else
                                                                " on validation)")
     values = sorted({round(float(t), 3) for t in ckpt["thresholds"]})
     return f"threshold {values[0]}" if len(values) == 1 else "thresholds " + ", ".join(map(str, values))
@@ -219,13 +226,12 @@ def build_page(ckpt, model_path, *, eval_data, audit_data, metrics, mistakes, su
         ("epoch of this model", esc(ckpt.get("epoch"))), ("validation mAP at training", num(ckpt.get("val_map")))]
     parts.append("<h2>Run</h2>" + settings_list(pairs))
     counts_rows = []
-    for title, counts in (("training part", ckpt.get("label_counts")), ("report set", label_counts(eval_data[2])),
-                          ("audit set", label_counts(audit_data[2]) if len(audit_data[2]) else None)):
+    for title, counts in (("training part", ckpt.get("label_counts")), ("report set", label_counts(eval_data[2]))):
         if counts:
             for k, a in enumerate(attributes):
                 counts_rows.append([esc(title), esc(a), counts["positive"][k], counts["negative"][k], counts["na"][k]])
-    parts.append(f"<h2>Data</h2><p>report set: {len(eval_data[1])} images ({esc(eval_data[0])}); audit set: "
-                 f"{len(audit_data[1])} images</p>"
+    parts.append(f"<h2>Data</h2><p>report set: {len(eval_data[1])} images ({esc(eval_data[0])})"
+                 + ("; the audit ranks the same rows" if audit_data[0] is not None else "") + "</p>"
                  + table(["set", "attribute", "positive", "negative", "NA"], counts_rows, "counts"))
     parts.append(f"<h2>Per attribute, {esc(named)}</h2>" + metrics_table(metrics)
                  + "<p>pos/neg: known positives and negatives; prev: prevalence, the AP of a random ranker; majF1: "
@@ -262,20 +268,24 @@ def build_page(ckpt, model_path, *, eval_data, audit_data, metrics, mistakes, su
 
 
 def find_oof(args, ckpt):
-    """The run's OofFile for --labels and --images, or None (a validation split); a named --oof that does not
-    match them is an error, auto's is a log line."""
+    """The run's OofFile for --labels and --images, or None (a validation split). A cross-validated model trained
+    on every row, so without its out-of-fold predictions there is nothing honest to report: an error."""
     if args.oof == "none":
         return None
     path = os.path.join(os.path.dirname(os.path.abspath(args.model)), "oof.npz") if args.oof == "auto" else args.oof
     if args.oof == "auto" and not os.path.isfile(path):
+        if cross_validated(ckpt):
+            raise UserError(f"{path}: not found; {args.model} trained on every row of its cross-validated run, so "
+                            "only that run's out-of-fold predictions can be reported (run train.py again, or give "
+                            "--oof PATH)")
         return None
     oof = read_oof(path)
-    why = oof_mismatch(oof, labels_path=args.labels, images=args.images)
+    why = oof_mismatch(oof, labels_path=args.labels, images=args.images, model=args.model)
     if why is None and list(oof.attributes) != list(ckpt["attributes"]):
         why = f"they name other attributes than {args.model}"
     if why is not None:
-        if args.oof != "auto":
-            raise UserError(f"{path}: not the out-of-fold predictions of {args.labels}: {why}")
+        if args.oof != "auto" or cross_validated(ckpt):
+            raise UserError(f"{path}: not the out-of-fold predictions of {args.model} on {args.labels}: {why}")
         log(f"report: {path} not used: {why}")
         return None
     return oof
@@ -291,22 +301,27 @@ def make_report(args):
     model = model_from_checkpoint(ckpt, args.model).to(device)
     report = Collected(strict=args.strict)
     attributes = ckpt["attributes"]
-    table_, paths, targets = load_dataset(args.labels, args.images, report)
-    if targets.shape[1] != len(attributes):
-        raise UserError(f"{args.labels}: {targets.shape[1]} attributes, but {args.model} predicts {len(attributes)}")
+    config = ckpt["config"]
+    args.images = args.images or config.get("images", "images")
+    args.labels = args.labels or (config.get("labels", "labels.txt") if cross_validated(ckpt) else
+                                  os.path.join(os.path.dirname(os.path.abspath(args.model)), "val_labels.txt"))
     oof = find_oof(args, ckpt)
     if oof is not None:  # a cross-validated run: every row out of fold, the same numbers as metrics.json
         names, scores, y = list(oof.names), np.asarray(oof.probabilities), np.asarray(oof.targets)
-        paths = [os.path.join(args.images, n) for n in names]
+        paths = oof.paths(args.images)
         source = f"oof.npz, the mean of {oof.config.get('repeats', 1)} x {oof.config.get('folds')}-fold " \
                  f"cross-validations at epoch {oof.epochs}"
-        audit = (source, names, y, scores)
+        audit = (source, names, y)
     else:  # a validation split: the model's own scores of its validation rows
+        table_, paths, targets = load_dataset(args.labels, args.images, report)
+        if targets.shape[1] != len(attributes):
+            raise UserError(f"{args.labels}: {targets.shape[1]} attributes, but {args.model} predicts "
+                            f"{len(attributes)}")
         scores, ok = validation_scores(model, ckpt, paths, targets, args=args, device=device, report=report)
         names = [n for n, good in zip(table_.names, ok) if good]
         paths = [p for p, good in zip(paths, ok) if good]
         y = targets.numpy()[ok]
-        audit = (None, [], np.zeros((0, len(attributes)), dtype=np.int8), None)
+        audit = (None, [], np.zeros((0, len(attributes)), dtype=np.int8))
     result = attribute_metrics(scores, y, ckpt["thresholds"], attributes)
     shown = Shown()
     mistakes = [[(names[i], int(y[i, k]), float(scores[i, k]), shown.add(paths[i], k))
@@ -327,7 +342,7 @@ def make_report(args):
     figures = [("precision-recall curves", png_uri(pr_figure(scores, y, ckpt["thresholds"], attributes)))]
     if history:
         figures.append(("loss per epoch", png_uri(epoch_loss_figure(history))))
-    page = build_page(ckpt, args.model, eval_data=(args.labels, paths, y), audit_data=audit[:3], metrics=result,
+    page = build_page(ckpt, args.model, eval_data=(args.labels, paths, y), audit_data=audit, metrics=result,
                       mistakes=mistakes, suspects=suspects, suggestions=suggestions, shown=shown,
                       problems=report.by_reason, run_warnings=(run.get("warnings") or {}).get("messages", []),
                       figures=figures)

@@ -43,6 +43,7 @@ from collections import Counter, OrderedDict
 import numpy as np
 
 import web
+from dataset import VALUE_TEXT
 from utils import Report, UserError, atomic_write, check_writable, log, run_cli
 from web import Refused, error_response, read_json
 
@@ -58,8 +59,8 @@ CAM_CACHE = 256  # Grad-CAM pictures kept in memory (PNG bytes, ~100 KB each)
 CAM_WAITING = 8  # Grad-CAMs being drawn or waiting at most; beyond it: 503 + Retry-After
 CAM_SIZE = 640  # pixels on the long side of a Grad-CAM picture
 RETRY_AFTER = 1  # seconds a refused client is told to wait
-VALUES = {"1": 1, "0": 0, "NA": -1}  # a decision's value as the API and the database write it -> the targets' int8
-TEXT = {1: "1", 0: "0", -1: "NA"}
+TEXT = VALUE_TEXT  # the targets' int8 -> a decision's value as the API, the database and the labels file write it
+VALUES = {text: value for value, text in TEXT.items()}
 KINDS = ("known", "na")  # the queue's two parts: known cells by score, NA cells by the suggestion's confidence
 PAGE_FILES = {"/": ("review.html", "text/html; charset=utf-8"), "/review.js": ("review.js", "text/javascript"),
               "/review.css": ("review.css", "text/css")}
@@ -341,7 +342,7 @@ def reviewed_labels(labels, ledger):
     skipped}. Only the lines of changed rows are rewritten; a comment line of counts (and one per conflict: a cell
     two reviewers decided differently, where the latest decision is taken) goes first."""
     from dataset import parse_labels, rewrite_labels
-    from engine import file_sha256
+    from utils import file_sha256
 
     before = file_sha256(labels)
     table = parse_labels(labels, Report(stream=io.StringIO()))  # the parser's warnings were said when reviewing
@@ -473,7 +474,7 @@ class LabelsWatch:
         self.path, self.sha256, self.seen, self.changed = path, sha256, None, False
 
     def check(self):
-        from engine import file_sha256
+        from utils import file_sha256
 
         try:
             st = os.stat(self.path)
@@ -508,8 +509,12 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
         return error_response(e.status_code, str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(Refused)
-    async def refused(request, e):
-        return error_response(e.status, e.message, e.headers)
+    async def refused(request, e):  # a body refused on its headers is never read: the connection is not reused
+        return error_response(e.status, e.message, {**e.headers, "Connection": "close"})
+
+    @app.exception_handler(UserError)
+    async def user_error(request, e):  # the labels file went away or changed while being read: said, not a 500
+        return error_response(409, str(e))
 
     @app.exception_handler(Busy)
     async def busy(request, e):
@@ -700,6 +705,10 @@ def serve(args):
             args.reviewer = reviewer_of({"reviewer": args.reviewer}, None)
         except Refused as e:
             raise UserError(f"--reviewer: {e.message}") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.host.startswith("127."):
+        print(f"warning: --host {args.host}: anyone who can reach this machine can read the labels and write "
+              "decisions (review.py has no login)", file=sys.stderr)
+    audit.refuse_without_oof(args.train_flags)
     audit.check_train_flags(args.train_flags, script="review.py")
     ledger = Ledger(args.db)  # before the audit: a database that cannot be written fails at once
     sock = listen(args.host, args.port)

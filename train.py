@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from copy import deepcopy
@@ -37,8 +38,8 @@ from metrics import attribute_metrics, format_table, macro_f1, to_json
 from model import (BACKBONES, HEADS, backbone_spec, build_model, check_backbone, flip_tta, imagenet_weights_missing,
                    list_backbones, load_checkpoint, make_checkpoint, save_checkpoint)
 from utils import (Report, StopFlag, UserError, add_runtime_flags, bf16_is_native, check_folder, check_writable,
-                   keep_freed_memory, log, pick_device, resolve_workers, restore_rng, rng_state, seed_everything,
-                   small_matmuls, write_json)
+                   file_sha256, keep_freed_memory, log, pick_device, resolve_workers, restore_rng, rng_state,
+                   seed_everything, small_matmuls, write_json)
 
 # ---- hyperparameters (each can be overridden: --name value) ----
 LABELS = "labels.txt"  # labels file: image_name v1 .. vK per line, values 1 / 0 / NA
@@ -257,6 +258,8 @@ class Run:
     mean: list
     std: list
     stop: StopFlag
+    run_id: str  # in every checkpoint and oof.npz of this run (a resumed run keeps its own)
+    labels_sha256: str  # of the labels file as read: a resume refuses another
     resumed: dict = None  # the checkpoint --resume read
     train_loss_fn: torch.nn.Module = None  # under torchrun: the global-batch mean of loss_fn
     pending: dict = field(default_factory=dict)  # cached path: checkpoints kept in memory until the end
@@ -272,6 +275,8 @@ class Run:
     @property
     def attributes(self):
         return self.table.attributes
+
+
 
 
 def setup(args):
@@ -310,7 +315,11 @@ def setup(args):
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model.head, args, model.backbone)
     state = {"losses": [], "history": [], "best_map": -1.0, "best_epoch": -1, "since_best": 0, "epoch": 0}
+    labels_sha256 = file_sha256(args.labels)
     if resumed:
+        if resumed.get("labels_sha256", labels_sha256) != labels_sha256:
+            raise UserError(f"{args.labels} changed since the run in {args.resume} was interrupted: resuming would mix "
+                            "two sets of labels; start a new run")
         optimizer.load_state_dict(resumed["optimizer"])
         state.update(json.loads(resumed["state"]))
         restore_rng(resumed["rng"])
@@ -321,7 +330,8 @@ def setup(args):
                device=device, workers=workers, report=report, table=table, paths=paths, targets=targets,
                train_idx=train_idx, val_idx=val_idx, counts=label_counts(targets[train_idx]), model=model,
                loss_fn=make_loss_for(args, targets[train_idx]).to(device), optimizer=optimizer, state=state,
-               mean=mean, std=std, stop=StopFlag(), resumed=resumed)
+               mean=mean, std=std, stop=StopFlag(), resumed=resumed,
+               run_id=(resumed or {}).get("run_id") or secrets.token_hex(8), labels_sha256=labels_sha256)
 
 
 def make_batches(job):
@@ -397,6 +407,8 @@ def cross_validate(job):
     if "cv" in resumed:  # it had finished before the run was interrupted: its result, not a second one
         job.cv = CrossValidation.from_checkpoint(resumed["cv"], index)
         job.epochs = job.cv.epochs
+        if "epochs" in args.explicit:
+            log(f"--epochs {args.epochs} not used: the cross-validation had finished and chose {job.epochs} epochs")
         return True
     y = job.targets[index].numpy()
     if "cv_progress" in resumed:
@@ -419,9 +431,8 @@ def cross_validate(job):
         f"{job.cv.history[job.cv.epochs - 1]['map']:.4f} after {job.cv.epochs} epochs (of {args.epochs}; one "
         f"cross-validation alone: {np.mean(single):.4f}{f' +- {np.std(single):.4f}' if len(single) > 1 else ''}); "
         f"the final head trains {job.cv.epochs} epochs on all {len(index)} rows")
-    write_oof(job.outputs["oof"], job.cv, names=[job.table.names[i] for i in index],
+    write_oof(job.outputs["oof"], job.cv, run_id=job.run_id, names=[job.table.names[i] for i in index],
               paths=[job.paths[i] for i in index], attributes=job.attributes, targets=y, labels_path=args.labels,
-              features={k: getattr(args, k) for k in ("backbone", "weights", "image_size", "amp")},
               config=plain_config(args))
     log(f"wrote {job.outputs['oof']} (every row's out-of-fold probabilities, the mean of {args.repeats} "
         "cross-validations)")
@@ -520,7 +531,7 @@ def model_checkpoint(job, thresholds, *, epoch, val_map):
         job.model, backbone=args.backbone, attributes=list(job.attributes), image_size=args.image_size,
         mean=list(job.mean), std=list(job.std), thresholds=[float(t) for t in thresholds],
         config=plain_config(args), label_counts=job.counts, epoch=epoch, val_map=val_map,
-        tta=bool(args.tta), amp=bool(job.amp), backbone_reason=job.why)
+        tta=bool(args.tta), amp=bool(job.amp), backbone_reason=job.why, run_id=job.run_id)
 
 
 def resume_checkpoint(job, checkpoint):
@@ -530,7 +541,7 @@ def resume_checkpoint(job, checkpoint):
     if job.oof_state is not None:
         extra["cv_progress"] = job.oof_state.to_checkpoint()
     return dict(checkpoint, optimizer=job.optimizer.state_dict(), rng=rng_state(), state=json.dumps(job.state),
-                **extra)
+                labels_sha256=job.labels_sha256, **extra)
 
 
 def val_map(job, record):

@@ -209,6 +209,20 @@ def atomic_write(path, content, *, size=None, hint=OUTPUT_HINT):
             pass
 
 
+def file_sha256(path):
+    """The sha256 of a file's bytes (hex); a file that cannot be read is a UserError naming it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    return h.hexdigest()
+
+
 def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
@@ -244,7 +258,7 @@ def amp_context(device, enabled):
 
 def bf16_is_native(device):
     """Whether bf16 has matrix units here (where --amp auto turns autocast on): a CUDA GPU that supports bf16, or a
-    CPU with AMX. Elsewhere bf16 is emulated and slower than fp32 (measured: README, Speed)."""
+    CPU with AMX. Elsewhere bf16 is emulated and slower than fp32 (measured: docs/speed.md)."""
     import torch
 
     if device.type == "cuda":
@@ -284,7 +298,7 @@ def keep_freed_memory(device):
     rest of this process and the DataLoader workers it starts. By default glibc maps every large activation afresh
     and unmaps it when freed, so each backbone forward page-faults its memory in again (tens of thousands of
     faults per image): ResNet50 forwards ran 1.1-1.7x faster on a 2-core CPU this way, for up to 0.7 GB more
-    peak memory (README, Speed). Elsewhere it does nothing. Returns whether it was applied."""
+    peak memory (docs/speed.md). Elsewhere it does nothing. Returns whether it was applied."""
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return False
     import ctypes
@@ -364,8 +378,11 @@ def rng_state():
     import torch
 
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(np_state[1].astype(np.int64)),
-            "numpy_pos": int(np_state[2]), "python": json.dumps(random.getstate())}
+    state = {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": int(np_state[2]), "python": json.dumps(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from its own generator
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_rng(state):
@@ -373,6 +390,8 @@ def restore_rng(state):
     import torch
 
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
     np.random.set_state(("MT19937", state["numpy_key"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     version, key, gauss = json.loads(state["python"])
     random.setstate((version, tuple(key), gauss))

@@ -73,8 +73,11 @@ def test_cli_writes_the_csv_and_the_suggested_labels_and_leaves_the_labels_file_
             p = probability[(name, attribute)]
             assert b == (a if a >= 0 else 1 if p >= 0.9 else 0 if p <= 0.1 else -1)
     assert audit.main([*args, "--out", str(tmp_path), "--labels", str(tmp_path / "labels_suggested.txt")]) == 2
-    assert audit.main([*args, "--folds", "0"]) == 2
-    assert "the audit needs out-of-fold predictions" in capsys.readouterr().err
+    capsys.readouterr()
+    for flags in (["--folds", "0"], ["--unfreeze", "last"], ["--augment=strong"]):  # no out-of-fold predictions
+        assert audit.main([*args, *flags]) == 2
+        err = capsys.readouterr().err
+        assert "the audit needs the out-of-fold predictions" in err and err.count("\n") == 1, err
 
 
 def test_the_audit_reads_the_runs_out_of_fold_predictions_and_trains_nothing(tiny_set, tmp_path, capsys):

@@ -139,16 +139,16 @@ def test_oof_npz_is_read_back_and_a_changed_labels_file_or_image_is_recognised(t
     cv = engine.CrossValidation(index=np.arange(2), probabilities=np.array([[0.9, 0.2], [0.1, 0.7]], np.float32),
                                 folds=np.array([[0], [1]]), epochs=4, history=[{"epoch": 1, "map": 0.5}])
     path = tmp_path / "oof.npz"
-    engine.write_oof(str(path), cv, names=["a.jpg", "b.jpg"], paths=[str(images / "a.jpg"), str(images / "b.jpg")],
-                     attributes=["Attr1", "Attr2"], targets=np.array([[1, -1], [0, 1]]), labels_path=str(labels),
-                     features={"backbone": "x"}, config={"repeats": 1, "folds": 2})
+    engine.write_oof(str(path), cv, run_id="r1", names=["a.jpg", "b.jpg"],
+                     paths=[str(images / "a.jpg"), str(images / "b.jpg")], attributes=["Attr1", "Attr2"],
+                     targets=np.array([[1, -1], [0, 1]]), labels_path=str(labels), config={"repeats": 1, "folds": 2})
     oof = engine.read_oof(str(path))
     assert oof.names == ["a.jpg", "b.jpg"] and oof.attributes == ["Attr1", "Attr2"] and oof.epochs == 4
     assert oof.targets.tolist() == [[1, -1], [0, 1]] and oof.config == {"repeats": 1, "folds": 2}
     np.testing.assert_array_equal(oof.probabilities, cv.probabilities)
     assert engine.oof_mismatch(oof, labels_path=str(labels), images=str(images)) is None
     with np.load(path, allow_pickle=False) as z:  # plain arrays: no pickle anywhere
-        assert set(z.files) >= {"names", "probabilities", "folds", "labels_sha256", "images_sha256", "features"}
+        assert set(z.files) >= {"names", "probabilities", "folds", "labels_sha256", "images_sha256", "run_id"}
     labels.write_text("a.jpg 1 NA\nb.jpg 0 0\n")
     assert "labels" in engine.oof_mismatch(oof, labels_path=str(labels), images=str(images))
     labels.write_text("a.jpg 1 NA\nb.jpg 0 1\n")
@@ -157,9 +157,10 @@ def test_oof_npz_is_read_back_and_a_changed_labels_file_or_image_is_recognised(t
     assert "images" in engine.oof_mismatch(oof, labels_path=str(labels), images=str(images))
     (images / "b.jpg").unlink()
     assert "images" in engine.oof_mismatch(oof, labels_path=str(labels), images=str(images))
-    path.write_bytes(b"not a zip")
-    with pytest.raises(UserError, match="not a readable oof.npz"):
-        engine.read_oof(str(path))
+    for damaged in (b"not a zip", b"", path.read_bytes()[:200]):  # junk, empty, truncated
+        path.write_bytes(damaged)
+        with pytest.raises(UserError, match="not a readable oof.npz"):
+            engine.read_oof(str(path))
 
 
 def test_the_head_optimizer_is_fused_adamw_with_the_runs_learning_rate():
@@ -205,3 +206,21 @@ def test_no_two_files_import_each_other_directly_or_around_a_loop_and_nothing_im
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def test_oof_npz_of_another_run_than_the_model_beside_it_is_not_taken_for_its(tmp_path):
+    """A run stopped before its final head wrote oof.npz but not model.pth: the older model.pth beside it has
+    another run id, and the pair is refused."""
+    from conftest import write_checkpoint
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a.jpg 1\n")
+    cv = engine.CrossValidation(index=np.arange(1), probabilities=np.array([[0.9]], np.float32),
+                                folds=np.array([[0]]), epochs=1, history=[])
+    engine.write_oof(str(tmp_path / "oof.npz"), cv, run_id="new", names=["a.jpg"], paths=[str(tmp_path / "a.jpg")],
+                     attributes=["Attr1"], targets=np.array([[1]]), labels_path=str(labels), config={})
+    oof = engine.read_oof(str(tmp_path / "oof.npz"))
+    model = write_checkpoint(tmp_path / "model.pth")  # an older run's, with no run id of this one
+    assert "another run" in engine.oof_mismatch(oof, labels_path=str(labels), images=str(tmp_path), model=model)
+    assert engine.oof_mismatch(oof, labels_path=str(labels), images=str(tmp_path)) is None
