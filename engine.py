@@ -8,7 +8,9 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +20,7 @@ import distributed
 from data_loader import fold_indices
 from loss import make_loss, pos_weights
 from metrics import attribute_metrics, macro_f1
-from model import build_head, flip_tta
+from model import build_head, flip_tta, set_dropout_generator
 from utils import Progress, UserError, amp_context, atomic_write, file_sha256, log
 
 
@@ -51,9 +53,9 @@ def schedule(args, *, steps_per_epoch, epochs):
 
 def train_one_epoch(forward, batches, *, loss_fn, optimizer, lr_at, first_step, device, stop=None, label="train"):
     """One pass over batches of (indices, x, y); returns (the loss of each optimizer step, images seen). Ends after
-    the step in progress when stop.requested (Ctrl-C)."""
+    the step in progress when stop.requested (Ctrl-C). label: the progress bar's (None: no bar)."""
     losses, seen = [], 0
-    bar = Progress(batches.num_images, label)
+    bar = Progress(batches.num_images, label) if label else None
     for indices, x, y in batches:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_at(first_step + len(losses))
@@ -63,10 +65,12 @@ def train_one_epoch(forward, batches, *, loss_fn, optimizer, lr_at, first_step, 
         optimizer.step()
         losses.append(loss.item())
         seen += len(indices)
-        bar(len(indices), f"loss {losses[-1]:.4f}")
+        if bar:
+            bar(len(indices), f"loss {losses[-1]:.4f}")
         if stop is not None and stop.requested:
             break
-    bar.close()
+    if bar:
+        bar.close()
     return losses, seen
 
 
@@ -128,30 +132,27 @@ def pick_thresholds(mode, scores, y, attributes):
 
 @dataclass
 class OutOfFold:
-    """The cross-validation in progress: the fold of each row in each repeat, and per epoch the sum of the
-    out-of-fold probabilities of the heads done so far. A Ctrl-C keeps it in model_last.pth (to_checkpoint) and
-    --resume goes on with the next head: the heads done are not trained again, and each head depends on its own
-    seed alone, so the result is the uninterrupted one."""
+    """The cross-validation in progress: the fold of each row in each repeat, each repeat's out-of-fold
+    probabilities per epoch, and which heads are done. A Ctrl-C keeps it in model_last.pth (to_checkpoint) and
+    --resume trains only the heads not done; each head depends on its own seed alone, so the result is the
+    uninterrupted one."""
     folds: np.ndarray  # (n, repeats) int64: the fold of each row in each repeat
-    sums: np.ndarray  # (epochs, n, K) float32: per epoch, the sum over the repeats done of the probabilities
-    heads_done: int = 0  # heads (repeat-major, then fold) trained and scored
-    current: np.ndarray = None  # (epochs, n, K): the probabilities of the repeat in progress
-    repeat_maps: list = field(default_factory=list)  # per repeat done: its own out-of-fold mAP at each epoch
+    scores: np.ndarray  # (repeats, epochs, n, K) float32: each row's probability from the head that held it out
+    done: np.ndarray  # (repeats x folds,) bool, repeat-major: the heads trained and scored
     seconds: float = 0.0  # time spent so far (for the log)
 
-    def __post_init__(self):
-        if self.current is None:
-            self.current = np.zeros_like(self.sums)
+    @property
+    def heads_done(self):
+        return int(self.done.sum())
 
     def to_checkpoint(self):
-        return {"folds": torch.from_numpy(self.folds), "sums": torch.from_numpy(self.sums),
-                "current": torch.from_numpy(self.current), "heads_done": self.heads_done,
-                "repeat_maps": json.dumps(self.repeat_maps)}
+        return {"folds": torch.from_numpy(self.folds), "scores": torch.from_numpy(self.scores),
+                "done": torch.from_numpy(self.done), "seconds": float(self.seconds)}
 
     @classmethod
     def from_checkpoint(cls, saved):
-        return cls(saved["folds"].numpy(), saved["sums"].numpy().copy(), int(saved["heads_done"]),
-                   saved["current"].numpy().copy(), json.loads(saved["repeat_maps"]))
+        return cls(folds=saved["folds"].numpy(), scores=saved["scores"].numpy().copy(),
+                   done=saved["done"].numpy().copy(), seconds=float(saved["seconds"]))
 
 
 @dataclass
@@ -193,53 +194,72 @@ def head_seed(seed, repeat, fold, folds):
 def start_out_of_fold(targets, *, folds, repeats, epochs, seed):
     """A new OutOfFold: repeat r's folds are fold_indices with seed (seed, r), so each repeat splits differently."""
     assignment = np.stack([fold_indices(targets, folds, seed * 1_000 + r) for r in range(repeats)], 1)
-    return OutOfFold(assignment, np.zeros((epochs, len(targets), targets.shape[1]), dtype=np.float32))
+    return OutOfFold(folds=assignment, done=np.zeros(repeats * folds, dtype=bool),
+                     scores=np.zeros((repeats, epochs, len(targets), targets.shape[1]), dtype=np.float32))
 
 
-def out_of_fold(batches, index, targets, *, args, feature_dim, device, state, stop=None):
-    """Train the heads still to do of state (args.repeats x args.folds, each on the other folds of its repeat
-    through train_one_epoch, the run's own head, loss, optimizer and schedule), each scoring its own fold after
-    every epoch (flip TTA with --tta). batches(rows, train) gives the batches of those rows. Returns True when
-    every head is done, False if Ctrl-C stopped it (state holds the heads done)."""
-    num_attributes = targets.shape[1]
-    for h in range(state.heads_done, args.repeats * args.folds):
+def out_of_fold(batches, index, targets, *, args, feature_dim, device, state, stop=None, workers=None):
+    """Train the heads not yet done of state's first args.repeats x args.folds, each on the other folds of its
+    repeat through train_one_epoch (the run's own head, loss, optimizer and schedule), each scoring its own fold
+    after every epoch (flip TTA with --tta). batches(rows, train, seed) gives the batches of those rows. On a CPU
+    the heads train side by side, one a core (workers; default: the cores, under torchrun a share of them): each
+    step's matrices are too small for two threads to share, and each head is repeatable alone (its own seed for
+    the initial weights, the dropout masks and the batch order), so the scores are those of one head after the
+    other. Returns True when every head is done, False if Ctrl-C stopped it (state holds the heads done)."""
+    todo = [h for h in range(args.repeats * args.folds) if not state.done[h]]
+    if workers is None:
+        workers = 1 if device.type != "cpu" else max(1, (os.cpu_count() or 1) // distributed.world_size())
+    started, building = time.time(), threading.Lock()
+
+    def run(h):
         repeat, f = divmod(h, args.folds)
-        started, fold = time.time(), state.folds[:, repeat]
-        torch.manual_seed(head_seed(args.seed, repeat, f, args.folds))  # the head's init and dropout: its own
-        head = build_head(args.head, feature_dim, num_attributes, hidden=args.hidden, dropout=args.dropout).to(device)
+        seed, fold = head_seed(args.seed, repeat, f, args.folds), state.folds[:, repeat]
+        if stop is not None and stop.requested:
+            return None
+        with building:  # the initial weights come from torch's one global generator, seeded for this head
+            torch.manual_seed(seed)
+            head = build_head(args.head, feature_dim, targets.shape[1], hidden=args.hidden,
+                              dropout=args.dropout).to(device)
+        if device.type == "cpu":
+            set_dropout_generator(head, torch.Generator().manual_seed(seed))
         train_rows, held = index[fold != f], np.flatnonzero(fold == f)
-        train_batches, held_batches = batches(train_rows, True, head_seed(args.seed, repeat, f, args.folds)), \
-            batches(index[held], False, 0)
+        train_batches, held_batches = batches(train_rows, True, seed), batches(index[held], False, 0)
         optimizer = make_optimizer(head, args)
         lr_at = schedule(args, steps_per_epoch=len(train_batches), epochs=args.epochs)
         forward = flip_tta(head, features=True) if args.tta else head
         loss_fn = make_loss_for(args, targets[train_rows]).to(device)
-        scores = np.zeros((args.epochs, len(held), num_attributes), dtype=np.float32)
+        scores = np.zeros((args.epochs, len(held), targets.shape[1]), dtype=np.float32)
         for epoch in range(args.epochs):
             train_batches.set_epoch(epoch)
             head.train()
             train_one_epoch(head, train_batches, loss_fn=loss_fn, optimizer=optimizer, lr_at=lr_at,
-                            first_step=epoch * len(train_batches), device=device, stop=stop,
-                            label=f"repeat {repeat + 1} fold {f + 1} epoch {epoch + 1}")
+                            first_step=epoch * len(train_batches), device=device, stop=stop, label=None)
             if stop is not None and stop.requested:
-                return False
+                return None
             head.eval()
             if len(held):  # in the order of index[held]: FeatureBatches keeps the order it is given
                 scores[epoch] = evaluate(forward, held_batches, device=device)[0]
-        state.current[:, held] = scores
-        if f == args.folds - 1:  # the repeat is whole: into the sums, and its own mAP per epoch noted
-            state.sums += state.current
-            y = np.asarray(targets[index])
-            state.repeat_maps.append([attribute_metrics(e, y, None, [""] * num_attributes)["map"]
-                                      for e in state.current])
-            state.current[:] = 0
-        state.heads_done = h + 1
-        state.seconds += time.time() - started
-        if f == args.folds - 1:
-            sizes = np.bincount(fold)
-            log(f"repeat {repeat + 1}/{args.repeats}: {args.folds} heads of {args.epochs} epochs, {sizes.min()}-"
-                f"{sizes.max()} rows held out each, {state.seconds:.1f}s in all")
-    return True
+        return held, scores
+
+    bar = Progress(len(todo), "cross-validation heads")
+    with ThreadPoolExecutor(max(1, min(workers, len(todo) or 1))) as pool:
+        futures = [pool.submit(run, h) for h in todo]
+        for h, future in zip(todo, futures):  # in head order: the log and the state do not depend on timing
+            result = future.result()
+            if result is None:
+                continue
+            repeat, f = divmod(h, args.folds)
+            held, scores = result
+            state.scores[repeat][:, held] = scores
+            state.done[h] = True
+            bar(1)
+            if state.done[repeat * args.folds:(repeat + 1) * args.folds].all() and f == args.folds - 1:
+                sizes = np.bincount(state.folds[:, repeat])
+                log(f"repeat {repeat + 1}/{args.repeats}: {args.folds} heads of {args.epochs} epochs, {sizes.min()}-"
+                    f"{sizes.max()} rows held out each, {state.seconds + time.time() - started:.1f}s in all")
+    bar.close()
+    state.seconds += time.time() - started
+    return bool(state.done[:args.repeats * args.folds].all())
 
 
 def oof_history(scores, y, attributes):
@@ -255,15 +275,16 @@ def oof_history(scores, y, attributes):
     return history, best
 
 
-def finish_out_of_fold(state, index, targets, *, repeats, attributes, thresholds):
-    """The CrossValidation of a finished OutOfFold: the mean over repeats, its best epoch, the thresholds."""
-    mean = state.sums / repeats
+def finish_out_of_fold(state, index, targets, *, attributes, thresholds):
+    """The CrossValidation of a finished OutOfFold: the mean over its repeats, that mean's best epoch, each repeat's
+    own mAP there, the thresholds."""
+    mean = state.scores.mean(0)
     y = np.asarray(targets[index])
     history, best = oof_history(mean, y, attributes)
     chosen, notes = pick_thresholds(thresholds, mean[best], y, attributes)
+    alone = [float(attribute_metrics(repeat[best], y, None, attributes)["map"]) for repeat in state.scores]
     return CrossValidation(index=index, probabilities=mean[best].copy(), folds=state.folds, epochs=best + 1,
-                           history=history, repeat_maps=[float(maps[best]) for maps in state.repeat_maps],
-                           thresholds=chosen, notes=notes)
+                           history=history, repeat_maps=alone, thresholds=chosen, notes=notes)
 
 
 # ---- oof.npz: the out-of-fold predictions, written by train.py, read by report.py, audit.py and review.py ----

@@ -112,13 +112,31 @@ BACKBONES = {
 HEADS = ("linear", "mlp")
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose masks may come from a generator of its own (set_dropout_generator; None: torch's global
+    one), so that heads trained side by side in threads each draw their own, repeatable masks."""
+    generator = None
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype) >= self.p
+        return x * keep / (1 - self.p)
+
+
+def set_dropout_generator(module, generator):
+    for layer in module.modules():
+        if isinstance(layer, Dropout):
+            layer.generator = generator
+
+
 def build_head(kind, in_features, num_attributes, *, hidden=512, dropout=0.2):
     """linear: one Linear(D, K). mlp: one hidden GELU layer with dropout on its input and on the hidden units, so
     the attributes share what they learn (attributes that follow from one garment type need that)."""
     if kind == "linear":
         return nn.Linear(in_features, num_attributes)
     if kind == "mlp":
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.GELU(), nn.Dropout(dropout),
+        return nn.Sequential(Dropout(dropout), nn.Linear(in_features, hidden), nn.GELU(), Dropout(dropout),
                              nn.Linear(hidden, num_attributes))
     raise UserError(f"unknown head {kind!r}; use one of {', '.join(HEADS)}")
 

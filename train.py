@@ -324,7 +324,7 @@ def setup(args):
         state.update(json.loads(resumed["state"]))
         restore_rng(resumed["rng"])
         log(f"resumed from {args.resume} after epoch {state['epoch']}" if "cv_progress" not in resumed else
-            f"resumed from {args.resume}: cross-validation after {int(resumed['cv_progress']['heads_done'])} heads")
+            f"resumed from {args.resume}: cross-validation after {int(resumed['cv_progress']['done'].sum())} heads")
     mean, std = backbone_spec(args.backbone).norm
     return Run(args=args, outputs=outputs, cached=cached, folds=folds, epochs=args.epochs, amp=amp, why=why,
                device=device, workers=workers, report=report, table=table, paths=paths, targets=targets,
@@ -413,7 +413,7 @@ def cross_validate(job):
     y = job.targets[index].numpy()
     if "cv_progress" in resumed:
         state = OutOfFold.from_checkpoint(resumed["cv_progress"])
-        if state.folds.shape != (len(index), args.repeats) or len(state.sums) != args.epochs:
+        if state.folds.shape != (len(index), args.repeats) or state.scores.shape[1] != args.epochs:
             raise UserError(f"{args.resume}: its cross-validation had other rows, --repeats or --epochs; start a "
                             "new run, or resume with the same labels, images and --epochs")
     else:
@@ -423,7 +423,7 @@ def cross_validate(job):
                        device=job.device, state=state, stop=job.stop):
         job.oof_state = state
         return False
-    job.cv = finish_out_of_fold(state, index, job.targets, repeats=args.repeats, attributes=job.attributes,
+    job.cv = finish_out_of_fold(state, index, job.targets, attributes=job.attributes,
                                 thresholds=args.thresholds)
     job.epochs = job.cv.epochs
     single = np.array(job.cv.repeat_maps)

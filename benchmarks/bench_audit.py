@@ -100,8 +100,8 @@ def cross_validations(features, y, args, *, max_repeats, seed):
         with small_matmuls():
             assert engine.out_of_fold(batches, index, targets, args=args, feature_dim=features.shape[-1],
                                       device=torch.device("cpu"), state=state)
-        done = engine.OutOfFold(state.folds[:, :r], state.sums.copy(), state.heads_done)
-        cv = engine.finish_out_of_fold(done, index, targets, repeats=r, attributes=[str(k) for k in
+        done = engine.OutOfFold(folds=state.folds[:, :r], scores=state.scores[:r], done=state.done[:r * args.folds])
+        cv = engine.finish_out_of_fold(done, index, targets, attributes=[str(k) for k in
                                                                                     range(y.shape[1])],
                                        thresholds="0.5")
         results[r] = (cv.probabilities, time.perf_counter() - started, cv.epochs)

@@ -5,11 +5,13 @@
 
 One fold = train.py's head (MLP, dropout, masked BCE with pos_weight) trained 30 epochs on 4/5 of the rows through
 engine.train_one_epoch, scoring the held-out fifth with flip TTA after each epoch, as engine.out_of_fold runs it.
-  before  AdamW with torch's default implementation (foreach), what train.py used before this change
-  after   AdamW(fused=True), what engine.make_optimizer builds now
+  before  AdamW with torch's default implementation (foreach) and torch's nn.Dropout, as train.py had them
+  after   AdamW(fused=True) and model.Dropout (masks from torch.rand, a generator per head), as now
   floor   the same steps' arithmetic alone: forward + backward of the two matrix products and one fused AdamW
           step on preallocated tensors, no loss, no batching, no Python loop around it beyond the step
-All under utils.small_matmuls (one thread), as train.py runs the heads.
+All under utils.small_matmuls (one thread), as train.py runs the heads. Then the whole cross-validation of
+train.py's defaults (--repeats 2 x 5 folds, 30 epochs) through engine.out_of_fold: its heads one after the
+other (workers 1) and side by side, one a core (what train.py does), with the scores checked equal.
 """
 import argparse
 import os
@@ -46,6 +48,8 @@ def one_fold(x, y, args, *, fused):
     train_rows, held = rows[n // 5:], rows[:n // 5]
     torch.manual_seed(0)
     head = build_head(args.head, x.shape[-1], y.shape[1], hidden=args.hidden, dropout=args.dropout)
+    if not fused:  # before: torch's own dropout too, as the head was built then
+        head = torch.nn.Sequential(*[torch.nn.Dropout(m.p) if isinstance(m, torch.nn.Dropout) else m for m in head])
     optimizer = engine.make_optimizer(head, args)
     if not fused:
         optimizer = torch.optim.AdamW([{"params": list(head.parameters()), "base_lr": args.lr, "lr": args.lr}],
@@ -106,6 +110,21 @@ def main(argv=None):
         steps = results["after: AdamW(fused=True)"][1]
         results["floor: the arithmetic of those steps"] = (min(floor(x.shape[-1], y.shape[1], args, steps)
                                                                for _ in range(options.repeat)), steps)
+        whole = {}
+        for workers in (1, os.cpu_count() or 1):
+            state = engine.start_out_of_fold(y.numpy(), folds=args.folds, repeats=args.repeats, epochs=args.epochs,
+                                             seed=0)
+            rows_all = np.arange(len(y))
+
+            def batches(idx, shuffle, seed):
+                return FeatureBatches(x, rows_all, idx, y, batch_size=args.batch_size, shuffle=shuffle, seed=seed,
+                                      both_views=not shuffle)
+
+            started = time.perf_counter()
+            assert engine.out_of_fold(batches, rows_all, y, args=args, feature_dim=x.shape[-1],
+                                      device=torch.device("cpu"), state=state, workers=workers)
+            whole[workers] = (time.perf_counter() - started, state.scores)
+        assert all(np.array_equal(s, whole[1][1]) for _, s in whole.values()), "side by side changed the scores"
     base = results["before: AdamW (foreach)"][0]
     for name, (seconds, steps) in results.items():
         rows.append([name, f"{seconds:.2f}", str(steps), f"{1000 * seconds / steps:.2f}", f"{base / seconds:.2f}x"])
@@ -113,6 +132,12 @@ def main(argv=None):
     print(f"one fold: {options.epochs} epochs, batch {args.batch_size}, {args.head} head ({args.hidden} hidden), "
           f"held-out fifth scored with TTA each epoch; {source}; 1 thread")
     print(table(["variant", "seconds", "steps", "ms / step", "vs before"], rows, ["<", ">", ">", ">", ">"]))
+    heads = args.repeats * args.folds
+    print(f"\nthe cross-validation: {args.repeats} x {args.folds} folds = {heads} heads of {args.epochs} epochs "
+          "(scores equal bit for bit)")
+    print(table(["heads", "seconds", "vs one after the other"],
+                [[f"{'one after the other' if w == 1 else f'side by side, {w} threads'}", f"{t:.2f}",
+                  f"{whole[1][0] / t:.2f}x"] for w, (t, _) in whole.items()], ["<", ">", ">"]))
     return 0
 
 

@@ -49,7 +49,8 @@ def test_every_row_is_scored_once_per_repeat_by_a_head_that_never_trained_on_it(
     args, index = recipe(), np.arange(30)
     state = engine.start_out_of_fold(y.numpy(), folds=3, repeats=2, epochs=3, seed=0)
     batches = Recorded(x, y)
-    assert engine.out_of_fold(batches, index, y, args=args, feature_dim=8, device=torch.device("cpu"), state=state)
+    assert engine.out_of_fold(batches, index, y, args=args, feature_dim=8, device=torch.device("cpu"), state=state,
+                              workers=1)  # one head after the other: the calls come in head order
     assert state.heads_done == 6 and len(batches.calls) == 12
     for repeat in range(2):
         scored = []
@@ -61,14 +62,14 @@ def test_every_row_is_scored_once_per_repeat_by_a_head_that_never_trained_on_it(
             scored += held.tolist()
         assert sorted(scored) == list(range(30))
     assert (state.folds[:, 0] != state.folds[:, 1]).any()
-    # Each epoch's sums hold one probability per repeat: the mean is a probability, and it is not constant.
-    mean = state.sums / 2
+    # One probability per row, epoch and repeat: the mean is a probability, and it is not constant.
+    mean = state.scores.mean(0)
     assert ((mean > 0) & (mean < 1)).all() and mean.std() > 0
 
 
 def test_repeat_r_is_the_same_heads_whatever_follows_and_its_own_map_is_kept():
-    """The first repeat of a 2-repeat run is the 1-repeat run (each head depends on its seed alone); the second
-    repeat's share of the sums is a probability per cell; repeat_maps[r] is repeat r's own mAP per epoch."""
+    """The first repeat of a 2-repeat run is the 1-repeat run (each head depends on its seed alone), bit for bit;
+    repeat_maps[r] is repeat r's own mAP at the chosen epoch."""
     from metrics import attribute_metrics
 
     x, y = synthetic()
@@ -78,13 +79,25 @@ def test_repeat_r_is_the_same_heads_whatever_follows_and_its_own_map_is_kept():
     two = engine.start_out_of_fold(y.numpy(), folds=3, repeats=2, epochs=3, seed=0)
     assert engine.out_of_fold(Recorded(x, y), index, y, args=recipe(), feature_dim=8, device=cpu, state=two)
     np.testing.assert_array_equal(two.folds[:, 0], one.folds[:, 0])
-    second = two.sums - one.sums
-    assert (second > 0).all() and (second < 1).all() and not np.allclose(second, one.sums)
-    for r, alone in enumerate((one.sums, second)):
-        expected = [attribute_metrics(e, y.numpy(), None, ["a", "b"])["map"] for e in alone]
-        assert two.repeat_maps[r] == pytest.approx(expected, abs=1e-6)
-    cv = engine.finish_out_of_fold(two, index, y, repeats=2, attributes=["a", "b"], thresholds="0.5")
-    assert cv.repeat_maps == pytest.approx([two.repeat_maps[0][cv.epochs - 1], two.repeat_maps[1][cv.epochs - 1]])
+    np.testing.assert_array_equal(two.scores[0], one.scores[0])
+    second = two.scores[1]
+    assert (second > 0).all() and (second < 1).all() and not np.allclose(second, one.scores[0])
+    cv = engine.finish_out_of_fold(two, index, y, attributes=["a", "b"], thresholds="0.5")
+    expected = [attribute_metrics(r[cv.epochs - 1], y.numpy(), None, ["a", "b"])["map"] for r in two.scores]
+    assert cv.repeat_maps == pytest.approx(expected, abs=1e-9)
+
+
+def test_heads_side_by_side_in_threads_give_the_scores_of_one_head_after_the_other():
+    x, y = synthetic(n=60, dim=16)
+    index, cpu = np.arange(60), torch.device("cpu")
+    states = []
+    for workers in (1, 2):
+        state = engine.start_out_of_fold(y.numpy(), folds=3, repeats=2, epochs=3, seed=0)
+        assert engine.out_of_fold(Recorded(x, y), index, y, args=recipe(), feature_dim=16, device=cpu, state=state,
+                                  workers=workers)
+        states.append(state)
+    np.testing.assert_array_equal(states[0].scores, states[1].scores)
+    assert states[1].done.all()
 
 
 class StopAfter:
@@ -102,7 +115,7 @@ class StopAfter:
 def test_a_stopped_cross_validation_goes_on_with_the_next_head_and_ends_as_if_never_stopped():
     x, y = synthetic()
     args, index = recipe(), np.arange(30)
-    settings = dict(args=args, feature_dim=8, device=torch.device("cpu"))
+    settings = dict(args=args, feature_dim=8, device=torch.device("cpu"), workers=1)  # a count of steps: in order
     straight = engine.start_out_of_fold(y.numpy(), folds=3, repeats=2, epochs=3, seed=0)
     assert engine.out_of_fold(Recorded(x, y), index, y, state=straight, **settings)
     stopped = engine.start_out_of_fold(y.numpy(), folds=3, repeats=2, epochs=3, seed=0)
@@ -113,7 +126,7 @@ def test_a_stopped_cross_validation_goes_on_with_the_next_head_and_ends_as_if_ne
     again = Recorded(x, y)
     assert engine.out_of_fold(again, index, y, state=saved, **settings)
     assert len(again.calls) == 2 * 4  # the 4 heads not done, no more
-    np.testing.assert_array_equal(saved.sums, straight.sums)
+    np.testing.assert_array_equal(saved.scores, straight.scores)
     np.testing.assert_array_equal(saved.folds, straight.folds)
 
 
@@ -121,8 +134,9 @@ def test_the_chosen_epoch_is_the_best_mean_out_of_fold_map_and_its_probabilities
     y = torch.tensor([[1], [0], [1], [0]], dtype=torch.int8)
     # epoch 1 ranks the rows wrongly, epoch 2 rightly, epoch 3 ties epoch 2 (the first of ties is chosen).
     sums = np.array([[[0.2], [0.8], [0.3], [0.7]], [[0.9], [0.1], [0.8], [0.2]], [[0.7], [0.3], [0.6], [0.4]]])
-    state = engine.OutOfFold(np.zeros((4, 2), dtype=np.int64), (sums * 2).astype(np.float32), heads_done=4)
-    cv = engine.finish_out_of_fold(state, np.arange(4), y, repeats=2, attributes=["A"], thresholds="0.5")
+    state = engine.OutOfFold(folds=np.zeros((4, 2), dtype=np.int64), done=np.ones(4, dtype=bool),
+                             scores=np.stack([sums, sums]).astype(np.float32))
+    cv = engine.finish_out_of_fold(state, np.arange(4), y, attributes=["A"], thresholds="0.5")
     # epoch 1: positives ranked 3rd and 4th, AP = (1/3 + 2/4) / 2 = 5/12
     assert cv.epochs == 2 and [h["map"] for h in cv.history] == pytest.approx([5 / 12, 1.0, 1.0])
     np.testing.assert_allclose(cv.probabilities, sums[1], rtol=1e-6)
