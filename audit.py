@@ -157,20 +157,12 @@ def label_quality(probabilities, targets):
 
     cleanlab's multi-label scorer takes complete label sets and has no NA, so each attribute is scored as the
     binary problem it is over its known cells only (what cleanlab.multilabel_classification does per class
-    before it aggregates per image): self-confidence, the out-of-fold probability of the given label."""
-    from cleanlab.rank import get_label_quality_scores
-
+    before it aggregates per image): self-confidence, the out-of-fold probability of the given label. That score
+    is this one line; importing cleanlab for it (and scikit-learn with it) cost 1.4 s of every run's report, so it
+    is computed here, and tests/test_audit.py holds it equal to cleanlab.rank.get_label_quality_scores."""
     y = np.asarray(targets)
-    score = np.full(y.shape, np.nan)
-    for k in range(y.shape[1]):
-        known = np.flatnonzero(y[:, k] >= 0)
-        if len(known) == 0 or len(np.unique(y[known, k])) < 2:  # one class only: cleanlab needs both
-            score[known, k] = np.where(y[known, k] == 1, 1 - probabilities[known, k], probabilities[known, k])
-            continue
-        p = probabilities[known, k].astype(np.float64)
-        quality = get_label_quality_scores(y[known, k], np.stack([1 - p, p], axis=1), method="self_confidence")
-        score[known, k] = 1 - quality
-    return score
+    p = np.asarray(probabilities, dtype=np.float64)
+    return np.where(y == 1, 1 - p, np.where(y == 0, p, np.nan))
 
 
 def audit_rows(names, attributes, targets, probabilities, score):

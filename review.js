@@ -380,14 +380,20 @@ function renderState() {
 
 let polling = null;
 
-async function refreshState() {
+// The server's state into `state`, shown; false (and said) when the server does not answer.
+async function fetchState() {
   try {
     state = await api("GET", "/api/state");
   } catch (e) {
     setStatus("the server does not answer (" + e.message + ")", true);
-    return;
+    return false;
   }
   renderState();
+  return true;
+}
+
+async function refreshState() {
+  if (!(await fetchState())) return;
   if (lastSeen !== null && state.last_id !== lastSeen && saving === 0 && total) {
     // another page or server decided meanwhile: the items around here are fetched again
     await loadChunk(chunkStart(pos), true).catch(() => {});
@@ -467,13 +473,7 @@ async function exportLabels() {
 }
 
 async function start() {
-  try {
-    state = await api("GET", "/api/state");
-  } catch (e) {
-    setStatus("the server does not answer (" + e.message + ")", true);
-    return;
-  }
-  renderState();
+  if (!(await fetchState())) return;
   lastSeen = state.last_id;
   const select = $("filter-attribute");
   for (const attribute of state.attributes) {

@@ -492,25 +492,13 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
     from fastapi import FastAPI, Request
     from fastapi.responses import Response
     from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
 
     data = queue.data
     watch = LabelsWatch(data.labels, data.labels_sha256)
-    folder = os.path.dirname(os.path.abspath(__file__))
-    pages = {}
-    for path, (name, kind) in PAGE_FILES.items():
-        with open(os.path.join(folder, name), "rb") as f:
-            pages[path] = (f.read(), kind)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.state.review = argparse.Namespace(queue=queue, ledger=ledger, cams=cams)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e):  # 404, 405 as JSON like every other error
-        return error_response(e.status_code, str(e.detail), getattr(e, "headers", None))
-
-    @app.exception_handler(Refused)
-    async def refused(request, e):  # a body refused on its headers is never read: the connection is not reused
-        return error_response(e.status, e.message, {**e.headers, "Connection": "close"})
+    web.install_errors(app)
 
     @app.exception_handler(UserError)
     async def user_error(request, e):  # the labels file went away or changed while being read: said, not a 500
@@ -520,9 +508,6 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
     async def busy(request, e):
         return error_response(503, str(e), {"Retry-After": str(RETRY_AFTER)})
 
-    @app.exception_handler(Exception)
-    async def internal(request, e):  # logged by uvicorn with its traceback; the client gets one line
-        return error_response(500, "internal error")
 
     def given_of(image, attribute):
         i, k = queue.row_of.get(image), queue.column_of.get(attribute)
@@ -656,15 +641,7 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
             cams.waiting -= 1
         return Response(picture, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
-    def page(content, kind):
-        async def serve_page():
-            return Response(content, media_type=kind, headers={"Content-Security-Policy": PAGE_POLICY,
-                                                               "X-Content-Type-Options": "nosniff"})
-
-        return serve_page
-
-    for path, (content, kind) in pages.items():
-        app.add_api_route(path, page(content, kind), methods=["GET"])
+    web.add_pages(app, PAGE_FILES, PAGE_POLICY)
 
     if hosts is not None:
         @app.middleware("http")

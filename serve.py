@@ -232,16 +232,10 @@ def create_app(args):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
 
     loaded = load_model(args)
     attributes, thresholds = loaded.facts["attributes"], loaded.facts["thresholds"]
     metrics = Metrics()
-    folder = os.path.dirname(os.path.abspath(__file__))
-    pages = {}
-    for path, (name, kind) in PAGE_FILES.items():
-        with open(os.path.join(folder, name), "rb") as f:
-            pages[path] = (f.read(), kind)
     state = argparse.Namespace(batcher=None, open=0, draining=False, explaining=False)
 
     @contextlib.asynccontextmanager
@@ -255,18 +249,7 @@ def create_app(args):
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e):  # 404, 405 as JSON like every other error
-        return error_response(e.status_code, str(e.detail), getattr(e, "headers", None))
-
-    @app.exception_handler(Refused)
-    async def refused(request, e):
-        # The body may be unread (refused on its headers): the connection cannot carry another request after it.
-        return error_response(e.status, e.message, {**e.headers, "Connection": "close"})
-
-    @app.exception_handler(Exception)
-    async def internal(request, e):  # logged by uvicorn with its traceback; the client gets one line
-        return error_response(500, "internal error")
+    web.install_errors(app)
 
     def authorize(request):
         if args.token is None:
@@ -377,14 +360,7 @@ def create_app(args):
                 "explain": loaded.figure is not None, "token": args.token is not None,
                 "max_files": args.max_files, "max_body": args.max_body}
 
-    def page(content, kind):
-        async def serve_page():
-            return Response(content, media_type=kind, headers={"Content-Security-Policy": PAGE_POLICY})
-
-        return serve_page
-
-    for path, (content, kind) in pages.items():
-        app.add_api_route(path, page(content, kind), methods=["GET"])
+    web.add_pages(app, PAGE_FILES, PAGE_POLICY)
     app.add_middleware(Measured, metrics=metrics)
     return app
 

@@ -61,6 +61,49 @@ async def read_json(request, limit):
     return value
 
 
+def install_errors(app):
+    """Every error as a JSON {"error": ...}: the framework's 404 and 405, a Refused, and anything unexpected (a
+    500 of one line; uvicorn logs its traceback)."""
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):
+        return error_response(e.status_code, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(Refused)
+    async def refused(request, e):
+        # The body may be unread (refused on its headers): the connection cannot carry another request after it.
+        return error_response(e.status, e.message, {**e.headers, "Connection": "close"})
+
+    @app.exception_handler(Exception)
+    async def internal(request, e):
+        return error_response(500, "internal error")
+
+
+def add_pages(app, files, policy):
+    """GET routes for a page's files, {path: (file name beside this one, media type)}, read once now, each served
+    with the Content-Security-Policy."""
+    import os
+
+    from fastapi.responses import Response
+
+    folder = os.path.dirname(os.path.abspath(__file__))
+    pages = {}
+    for path, (name, kind) in files.items():
+        with open(os.path.join(folder, name), "rb") as f:
+            pages[path] = (f.read(), kind)
+
+    def page(content, kind):
+        async def serve_page():
+            return Response(content, media_type=kind,
+                            headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff"})
+
+        return serve_page
+
+    for path, (content, kind) in pages.items():
+        app.add_api_route(path, page(content, kind), methods=["GET"])
+
+
 def server_class():
     """uvicorn's Server, but a server stopped by SIGTERM or Ctrl-C, as asked, exits 0 (uvicorn re-raises the signal
     after its graceful shutdown)."""

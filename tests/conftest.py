@@ -91,3 +91,60 @@ def lite0_cache(tmp_path_factory):
     160 px (test_audit.py, test_train.py): its 300 images are extracted once per session (at 160 px in
     half the time of 224, and the tests' margins hold: their docstrings say what was measured)."""
     return str(tmp_path_factory.mktemp("lite0_cache"))
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A server script in a subprocess on a free loopback port (argv gets --port): .url, .log(), .stop() (SIGTERM,
+    its exit code), .kill() (SIGKILL). Started when `ready` answers 200, within `timeout` seconds."""
+
+    def __init__(self, argv, *, folder, name, ready, cwd=ROOT, env=None, timeout=90):
+        import contextlib
+        import time
+
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.out = open(os.path.join(folder, f"{name}-{self.port}.log"), "w+")
+        self.process = subprocess.Popen([sys.executable, *argv, "--port", str(self.port)], cwd=cwd, stdout=self.out,
+                                        stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.process.poll() is None, self.log()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(self.url + ready, timeout=5).status_code == 200:
+                    return
+            time.sleep(0.1)
+        self.process.kill()
+        raise AssertionError(f"{name} did not answer {ready} in {timeout} s: {self.log()}")
+
+    def log(self):
+        self.out.flush()
+        self.out.seek(0)
+        return self.out.read()
+
+    def kill(self):
+        import signal
+
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self, timeout=30):
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise

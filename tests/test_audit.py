@@ -28,6 +28,21 @@ def test_scores_are_one_minus_the_probability_of_the_given_label_and_na_has_none
                         "probability": pytest.approx(0.6), "score": None}
 
 
+def test_the_score_is_cleanlabs_self_confidence_per_attribute_over_its_known_cells():
+    from cleanlab.rank import get_label_quality_scores
+
+    g = np.random.default_rng(0)
+    y = g.integers(-1, 2, size=(200, 3)).astype(np.int8)
+    p = g.random((200, 3)).astype(np.float32)
+    score = audit.label_quality(p, y)
+    for k in range(3):
+        known = y[:, k] >= 0
+        pk = p[known, k].astype(np.float64)
+        quality = get_label_quality_scores(y[known, k], np.stack([1 - pk, pk], 1), method="self_confidence")
+        np.testing.assert_allclose(score[known, k], 1 - quality, atol=1e-12)
+        assert np.isnan(score[~known, k]).all()
+
+
 def test_na_cells_are_filled_only_where_confident_and_known_cells_never_change():
     y = torch.tensor([[-1, -1, -1, 1]])
     p = np.array([[0.95, 0.05, 0.5, 0.0]])

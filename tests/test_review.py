@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 
 import engine
 import review
-from conftest import ROOT
+from conftest import ROOT, ServerProcess
 from dataset import parse_labels
 
 EVIL = '<b>"&amp;<script>.jpg'  # an image name that would be markup
@@ -42,46 +41,13 @@ sys.exit(review.main(sys.argv[2:]))
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     """python review.py ... in a subprocess on a free port; .url, .kill() (SIGKILL), .stop() (SIGTERM) -> code."""
 
     def __init__(self, folder, *flags, data=None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.out = open(os.path.join(folder, f"review-{self.port}.log"), "w+")
         command = ["-c", CHILD, data] if data else [os.path.join(ROOT, "review.py")]
-        self.process = subprocess.Popen([sys.executable, *command, "--port", str(self.port), *flags], cwd=folder,
-                                        stdout=self.out, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONPATH": ROOT})
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert self.process.poll() is None, self.log()
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(self.url + "/api/state", timeout=5).status_code == 200:
-                    return
-            time.sleep(0.1)
-        self.process.kill()
-        raise AssertionError(f"review.py did not answer in 120 s: {self.log()}")
-
-    def log(self):
-        self.out.flush()
-        self.out.seek(0)
-        return self.out.read()
-
-    def kill(self):
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(30)
+        super().__init__([*command, *flags], folder=folder, name="review", ready="/api/state", cwd=folder,
+                         env={"PYTHONPATH": ROOT}, timeout=120)
 
     def get(self, path, **params):
         return httpx.get(self.url + path, params=params, timeout=30)

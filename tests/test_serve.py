@@ -20,7 +20,7 @@ from PIL import Image
 
 import inference
 import serve
-from conftest import ROOT
+from conftest import ROOT, ServerProcess
 from make_sample import png_declaring
 
 SAMPLE = [os.path.join(ROOT, "images", f"img_{i:04d}.jpg") for i in range(1, 7)]
@@ -28,46 +28,13 @@ TOKEN = "s3cret-token"
 BLOCK_TORCH = "import sys; sys.modules['torch'] = sys.modules['torchvision'] = None; "  # as if not installed
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     """python serve.py ... in a subprocess; .url, .stop() (SIGTERM) -> exit code, .log() its output."""
 
     def __init__(self, tmp, model, *flags, env=None, torch=True):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.out = open(os.path.join(tmp, f"serve-{self.port}.log"), "w+")
         code = ("" if torch else BLOCK_TORCH) + "import sys, serve; sys.exit(serve.main(sys.argv[1:]))"
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code, "--model", model, "--port", str(self.port), "--device", "cpu", *flags],
-            cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            assert self.process.poll() is None, self.log()
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.1)
-        self.process.kill()
-        raise AssertionError(f"the server did not answer /healthz in 90 s: {self.log()}")
-
-    def log(self):
-        self.out.flush()
-        self.out.seek(0)
-        return self.out.read()
-
-    def stop(self, timeout=30):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise
+        super().__init__(["-c", code, "--model", model, "--device", "cpu", *flags], folder=tmp, name="serve",
+                         ready="/healthz", env=env)
 
 
 @pytest.fixture(scope="module")
