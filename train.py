@@ -75,7 +75,8 @@ FOLDS = 5  # cached path: k-fold cross-validation picks the epochs and threshold
 #            then the final head trains on every row | 0: hold out VAL_FRACTION instead (the full loop always does)
 REPEATS = 2  # cross-validations with other fold assignments; their mean out-of-fold probabilities pick the epochs
 #              and feed metrics.json, oof.npz, the report and the audit (2: on real photos the audit found 0.91 of
-#              flipped labels, 1 repeat 0.89, 3-5 no more; each repeat costs one more set of heads: docs/audit.md)
+#              flipped labels, 1 repeat 0.88-0.89, 3-5 within the noise; each repeat costs one more set of heads:
+#              docs/audit.md)
 VAL_FRACTION = 0.2  # held out (iterative stratification) when not cross-validating; 0 trains on everything
 PATIENCE = 10  # stop when validation mAP has not improved for this many epochs (0: never)
 TTA = True  # validation, evaluate.py and inference average the probabilities of the image and its mirror
