@@ -93,6 +93,23 @@ def lite0_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("lite0_cache"))
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through Playwright, Debian's chromium as its executable (no browser download); the test
+    is skipped with the reason where it is not installed (.ci/run installs it)."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True)
+        yield browser
+        browser.close()
+
+
 def free_port():
     """A TCP port free on 127.0.0.1 now."""
     import socket

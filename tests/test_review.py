@@ -158,21 +158,6 @@ def test_queue_lists_known_cells_by_score_then_na_cells_by_confidence_with_filte
 
 # ---- the page, in headless Chromium ----
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.skip("no chromium on this machine (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        yield browser
-        browser.close()
-
-
 def wait_saved(page, count):
     """Until the server has acknowledged the page's count-th decision (the page counts them in <body data-saved>;
     the page's CSP allows no evaluated script, so the tests read the page as a person would, plus that)."""

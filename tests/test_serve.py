@@ -374,21 +374,6 @@ def test_bad_flags_are_one_error_line(tmp_path, argv, message):
 
 # ---- the page, in headless Chromium ----
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.skip("no chromium on this machine (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        yield browser
-        browser.close()
-
-
 def test_the_page_shows_what_predict_answers(browser, pth_server, tmp_path):
     page = browser.new_page(viewport={"width": 1100, "height": 900})
     dialogs = []
