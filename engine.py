@@ -208,7 +208,8 @@ def out_of_fold(batches, index, targets, *, args, feature_dim, device, state, st
     other. Returns True when every head is done, False if Ctrl-C stopped it (state holds the heads done)."""
     todo = [h for h in range(args.repeats * args.folds) if not state.done[h]]
     if workers is None:
-        workers = 1 if device.type != "cpu" else max(1, (os.cpu_count() or 1) // distributed.world_size())
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = 1 if device.type != "cpu" else max(1, cores // distributed.world_size())
     started, building = time.time(), threading.Lock()
 
     def run(h):
