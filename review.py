@@ -496,7 +496,6 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
     data = queue.data
     watch = LabelsWatch(data.labels, data.labels_sha256)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.review = argparse.Namespace(queue=queue, ledger=ledger, cams=cams)
 
     web.install_errors(app)
 
