@@ -75,8 +75,9 @@ def train_one_epoch(forward, batches, *, loss_fn, optimizer, lr_at, first_step, 
 
 
 @torch.inference_mode()
-def evaluate(forward, batches, *, device, loss_fn=None):
-    """Probabilities (n, K) of the images batches yields, their indices, and the mean loss (None without loss_fn)."""
+def evaluate(forward, batches, *, device, loss_fn=None, logits=False):
+    """Probabilities (n, K) of the images batches yields (their logits with logits=True), their indices, and the
+    mean loss (None without loss_fn)."""
     logits, indices, targets = [], [], []
     for index, x, y in batches:
         logits.append(forward(x.to(device, non_blocking=True)).float())
@@ -86,9 +87,9 @@ def evaluate(forward, batches, *, device, loss_fn=None):
         logits, indices, targets = distributed.gather_batches(logits, indices, targets, device=device)
     if not logits:
         return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64), None
-    logits = torch.cat(logits)
-    loss = loss_fn(logits, torch.cat(targets).to(device)).item() if loss_fn is not None else None
-    return torch.sigmoid(logits).cpu().numpy(), np.concatenate(indices), loss
+    out = torch.cat(logits)
+    loss = loss_fn(out, torch.cat(targets).to(device)).item() if loss_fn is not None else None
+    return (out if logits else torch.sigmoid(out)).cpu().numpy(), np.concatenate(indices), loss
 
 
 def image_forward(model, *, device, amp):
@@ -137,7 +138,7 @@ class OutOfFold:
     --resume trains only the heads not done; each head depends on its own seed alone, so the result is the
     uninterrupted one."""
     folds: np.ndarray  # (n, repeats) int64: the fold of each row in each repeat
-    scores: np.ndarray  # (repeats, epochs, n, K) float32: each row's probability from the head that held it out
+    scores: np.ndarray  # (repeats, epochs, n, K) float32: each row's logits from the head that held it out
     done: np.ndarray  # (repeats x folds,) bool, repeat-major: the heads trained and scored
     seconds: float = 0.0  # time spent so far (for the log)
 
@@ -157,24 +158,32 @@ class OutOfFold:
 
 @dataclass
 class CrossValidation:
-    """What the cross-validation found: the epochs and thresholds of the final head, and the out-of-fold
-    probabilities (the mean over the repeats at the chosen epoch) that the metrics, report and audit read. The mean
-    of R repeats scores each row by R heads at once, an ensemble: repeat_maps says what one cross-validation alone
-    gives, the closer estimate of the single final head."""
+    """What the cross-validation found: the epochs and thresholds of the final head, the verdict of each attribute
+    (learnt or not), the calibration of the final head's logits, and the out-of-fold probabilities (calibrated, the
+    mean over the repeats at the chosen epoch) that the metrics, report and audit read. The mean of R repeats
+    scores each row by R heads at once, an ensemble: repeat_maps says what one cross-validation alone gives, the
+    closer estimate of the single final head."""
     index: np.ndarray  # (n,) the rows of the full set that were cross-validated
-    probabilities: np.ndarray  # (n, K) float32
+    probabilities: np.ndarray  # (n, K) float32, calibrated out of fold (calibration.cross_fit)
     folds: np.ndarray  # (n, repeats)
-    epochs: int  # the epoch (1-based) whose mean out-of-fold mAP is best: the final head trains this many
-    history: list  # per epoch: {"epoch", "map", "macro_f1", "ap"} of the mean out-of-fold probabilities
+    epochs: int  # the epoch (1-based) chosen by train.py's --epoch-rule: the final head trains this many
+    history: list  # per epoch: {"epoch", "loss", "map", "map_se", "macro_f1", "ap"} out of fold
     repeat_maps: list = field(default_factory=list)  # per repeat: its own out-of-fold mAP at the chosen epoch
-    thresholds: list = field(default_factory=list)
+    thresholds: list = field(default_factory=list)  # on the calibrated scale
     notes: list = field(default_factory=list)
+    verdicts: list = field(default_factory=list)  # per attribute: metrics.verdicts' row (learnt, p_value, ...)
+    calibration: dict = field(default_factory=dict)  # {"slope": [K], "intercept": [K]} of the final head
+
+    @property
+    def learnt(self):
+        return [bool(v["learnt"]) for v in self.verdicts]
 
     def to_checkpoint(self):
         """Plain tensors and strings (model_last.pth loads with weights_only=True)."""
         return {"probabilities": torch.from_numpy(self.probabilities), "folds": torch.from_numpy(self.folds),
                 "epochs": self.epochs, "history": json.dumps(self.history), "repeat_maps": json.dumps(self.repeat_maps),
-                "thresholds": [float(t) for t in self.thresholds], "notes": [str(n) for n in self.notes]}
+                "thresholds": [float(t) for t in self.thresholds], "notes": [str(n) for n in self.notes],
+                "verdicts": json.dumps(self.verdicts), "calibration": json.dumps(self.calibration)}
 
     @classmethod
     def from_checkpoint(cls, saved, index):
@@ -184,7 +193,8 @@ class CrossValidation:
         return cls(index=index, probabilities=saved["probabilities"].numpy(), folds=saved["folds"].numpy(),
                    epochs=int(saved["epochs"]), history=json.loads(saved["history"]),
                    repeat_maps=json.loads(saved["repeat_maps"]),
-                   thresholds=list(saved["thresholds"]), notes=list(saved["notes"]))
+                   thresholds=list(saved["thresholds"]), notes=list(saved["notes"]),
+                   verdicts=json.loads(saved["verdicts"]), calibration=json.loads(saved["calibration"]))
 
 
 def head_seed(seed, repeat, fold, folds):
@@ -239,7 +249,7 @@ def out_of_fold(batches, index, targets, *, args, feature_dim, device, state, st
                 return None
             head.eval()
             if len(held):  # in the order of index[held]: FeatureBatches keeps the order it is given
-                scores[epoch] = evaluate(forward, held_batches, device=device)[0]
+                scores[epoch] = evaluate(forward, held_batches, device=device, logits=True)[0]
         return held, scores
 
     bar = Progress(len(todo), "cross-validation heads")
@@ -263,34 +273,111 @@ def out_of_fold(batches, index, targets, *, args, feature_dim, device, state, st
     return bool(state.done[:args.repeats * args.folds].all())
 
 
-def oof_history(scores, y, attributes):
-    """Per epoch the out-of-fold metrics, and the epoch (0-based) with the best mAP (the first of ties)."""
-    history = []
-    for epoch, epoch_scores in enumerate(scores):
-        result = attribute_metrics(epoch_scores, y, None, attributes)
-        history.append({"epoch": epoch + 1, "map": result["map"],
-                        "macro_f1": macro_f1(epoch_scores, y, [0.5] * len(attributes)),
+EPOCH_RULES = ("1se", "map", "loss")  # train.py's EPOCH_RULE says what each is and what was measured
+
+
+def oof_history(logits, y, attributes, loss_fn, folds):
+    """Per epoch the out-of-fold loss (the mean over the repeats of the run's loss on each repeat's logits), the
+    metrics of the mean probability over the repeats, and the standard error of the mAP: the spread of the heads'
+    own mAPs on their held-out folds over sqrt(heads). logits: (repeats, epochs, n, K); folds (n, repeats)."""
+    history, target = [], torch.from_numpy(np.asarray(y))
+    for epoch in range(logits.shape[1]):
+        z = logits[:, epoch]
+        with torch.no_grad():
+            loss = float(np.mean([loss_fn(torch.from_numpy(zr), target).item() for zr in z]))
+        mean = sigmoid(z).mean(0)
+        result = attribute_metrics(mean, y, None, attributes)
+        heads = [attribute_metrics(sigmoid(z[r][held]), y[held], None, attributes)["map"]
+                 for r in range(len(z)) for held in (folds[:, r] == f for f in np.unique(folds[:, r]))]
+        heads = [m for m in heads if not math.isnan(m)]
+        history.append({"epoch": epoch + 1, "loss": loss, "map": result["map"],
+                        "map_se": float(np.std(heads, ddof=1) / math.sqrt(len(heads))) if len(heads) > 1 else 0.0,
+                        "macro_f1": macro_f1(mean, y, [0.5] * len(attributes)),
                         "ap": [r["ap"] for r in result["attributes"]]})
-    maps = [h["map"] for h in history]
-    best = 0 if all(math.isnan(m) for m in maps) else int(np.nanargmax(maps))
-    return history, best
+    return history
 
 
-def finish_out_of_fold(state, index, targets, *, attributes, thresholds):
-    """The CrossValidation of a finished OutOfFold: the mean over its repeats, that mean's best epoch, each repeat's
-    own mAP there, the thresholds."""
-    mean = state.scores.mean(0)
+def choose_epoch(history, rule="1se"):
+    """The epoch (0-based) the rule picks. "1se": the first epoch whose out-of-fold mAP is within one standard
+    error of the best one (the one-standard-error rule of Breiman et al. and of glmnet's lambda.1se: the largest
+    of 30 noisy numbers is not taken for signal); "map": the best mAP; "loss": the lowest loss."""
+    maps = np.array([h["map"] for h in history], dtype=np.float64)
+    if rule == "loss":
+        losses = np.array([h["loss"] for h in history], dtype=np.float64)
+        return 0 if np.isnan(losses).all() else int(np.nanargmin(losses))
+    if np.isnan(maps).all():
+        return 0
+    best = int(np.nanargmax(maps))
+    if rule == "map":
+        return best
+    return int(np.flatnonzero(maps >= maps[best] - history[best]["map_se"])[0])
+
+
+def calibrated_thresholds(mode, probabilities, y, calibration, learnt, attributes):
+    """The thresholds on the calibrated scale, and notes. "0.5": where the head's own sigmoid is 0.5 (the balance
+    pos_weight gives the loss), that is sigmoid(intercept): the same decisions as before calibration. "tuned": each
+    attribute's F1-best cut on the calibrated out-of-fold probabilities. An attribute not learnt: 0.5 on the
+    calibrated scale, where its probability is its prevalence: the majority answer."""
+    if mode == "0.5":
+        chosen, notes = [float(sigmoid(b)) for b in calibration["intercept"]], []
+    else:
+        chosen, notes = pick_thresholds(mode, probabilities, y, attributes)
+    return [t if ok and a > 0 else 0.5 for t, ok, a in zip(chosen, learnt, calibration["slope"])], notes
+
+
+@dataclass
+class Judged:
+    """The verdicts, calibration and thresholds of a model from predictions of rows it never trained on."""
+    probabilities: np.ndarray  # (n, K) calibrated, each fold by a calibration fitted on the other folds
+    raw: np.ndarray  # (n, K) the mean of the sets' own probabilities, the verdict's scores
+    verdicts: list  # metrics.verdicts' rows
+    calibration: dict  # fitted on every row: the model's
+    thresholds: list  # on the calibrated scale
+    notes: list
+
+    @property
+    def learnt(self):
+        return [bool(v["learnt"]) for v in self.verdicts]
+
+
+def judge(logits, y, folds, *, attributes, thresholds, resamples=None):
+    """logits (R, n, K): R sets of held-out logits of the same rows (the repeats), folds (n, R) the folds they were
+    held out in. The verdict is taken on the mean probability over the sets (ranks do not need calibration); the
+    calibration of the model is fitted on every row, R points a row (the model is one head, like each set's)."""
+    from calibration import cross_fit, fit
+    from metrics import RESAMPLES, verdicts
+
+    raw = sigmoid(logits).mean(0)
+    found = verdicts(raw, y, attributes, resamples=RESAMPLES if resamples is None else resamples)
+    learnt = [v["learnt"] for v in found]
+    probabilities = cross_fit(logits, y, folds, learnt)
+    calibration = fit(logits.reshape(-1, y.shape[1]), np.tile(y, (len(logits), 1)), learnt)
+    chosen, notes = calibrated_thresholds(thresholds, probabilities, y, calibration, learnt, attributes)
+    return Judged(probabilities=probabilities, raw=raw, verdicts=found, calibration=calibration, thresholds=chosen,
+                  notes=notes)
+
+
+def finish_out_of_fold(state, index, targets, *, attributes, thresholds, loss_fn, rule="1se"):
+    """The CrossValidation of a finished OutOfFold: the epoch the rule picks, and there each attribute's verdict,
+    the calibration, the thresholds and each repeat's own mAP."""
     y = np.asarray(targets[index])
-    history, best = oof_history(mean, y, attributes)
-    chosen, notes = pick_thresholds(thresholds, mean[best], y, attributes)
-    alone = [float(attribute_metrics(repeat[best], y, None, attributes)["map"]) for repeat in state.scores]
-    return CrossValidation(index=index, probabilities=mean[best].copy(), folds=state.folds, epochs=best + 1,
-                           history=history, repeat_maps=alone, thresholds=chosen, notes=notes)
+    history = oof_history(state.scores, y, attributes, loss_fn, state.folds)
+    best = choose_epoch(history, rule)
+    logits = state.scores[:, best]  # (repeats, n, K)
+    judged = judge(logits, y, state.folds, attributes=attributes, thresholds=thresholds)
+    alone = [float(attribute_metrics(sigmoid(repeat), y, None, attributes)["map"]) for repeat in logits]
+    return CrossValidation(index=index, probabilities=judged.probabilities, folds=state.folds, epochs=best + 1,
+                           history=history, repeat_maps=alone, thresholds=judged.thresholds, notes=judged.notes,
+                           verdicts=judged.verdicts, calibration=judged.calibration)
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-np.clip(z, -80, 80)))
 
 
 # ---- oof.npz: the out-of-fold predictions, written by train.py, read by report.py, audit.py and review.py ----
 
-OOF_VERSION = 1
+OOF_VERSION = 2  # 2: calibrated probabilities and each attribute's verdict
 
 
 def images_sha256(paths):
@@ -316,7 +403,7 @@ def write_oof(path, cv, *, run_id, names, paths, attributes, targets, labels_pat
         "epochs": np.array(cv.epochs), "labels_sha256": np.array(file_sha256(labels_path)),
         "images_sha256": np.array(images_sha256(paths)), "run_id": np.array(run_id),
         "config": np.array(json.dumps(config, sort_keys=True)),
-        "history": np.array(json.dumps(cv.history)),
+        "history": np.array(json.dumps(cv.history)), "verdicts": np.array(json.dumps(cv.verdicts)),
     }
 
     def write(tmp):
@@ -340,6 +427,11 @@ class OofFile:
     run_id: str  # the run that wrote it: its model.pth holds the same
     config: dict  # train.py's settings of that run
     history: list
+    verdicts: list  # per attribute: metrics.verdicts' row (learnt, p_value, ...)
+
+    @property
+    def learnt(self):
+        return np.array([bool(v["learnt"]) for v in self.verdicts])
 
     def paths(self, images):
         return [os.path.join(images, name) for name in self.names]
@@ -355,7 +447,7 @@ def read_oof(path):
                            probabilities=z["probabilities"], folds=z["folds"], epochs=int(z["epochs"]),
                            labels_sha256=str(z["labels_sha256"]), images_sha256=str(z["images_sha256"]),
                            run_id=str(z["run_id"]), config=json.loads(str(z["config"])),
-                           history=json.loads(str(z["history"])))
+                           history=json.loads(str(z["history"])), verdicts=json.loads(str(z["verdicts"])))
     except FileNotFoundError:
         raise UserError(f"{path}: no out-of-fold predictions there (a cross-validated `python train.py` writes "
                         "them)") from None

@@ -128,17 +128,38 @@ def macro_f1(scores, targets, thresholds):
     return float(np.mean(f1s)) if f1s else math.nan
 
 
+def with_verdicts(result, found):
+    """attribute_metrics' result with each row's verdict (metrics.verdicts) merged in."""
+    rows = [dict(r, **{k: v[k] for k in ("learnt", "p_value", "p_adjusted", "auc", "lift", "lift_low", "lift_high")})
+            for r, v in zip(result["attributes"], found)]
+    return dict(result, attributes=rows)
+
+
 def format_table(result):
+    """The per-attribute table; with verdicts (with_verdicts) also each attribute's p-value and whether it was
+    learnt, and under it the verdicts in one line. The means stand beside their chance levels."""
     def num(x):
         return "   n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:6.3f}"
 
+    judged = bool(result["attributes"]) and "learnt" in result["attributes"][0]
     lines = [f"{'attribute':<12} {'pos':>5} {'neg':>5} {'AP':>6} {'prev':>6} {'thr':>6} "
-             f"{'F1':>6} {'prec':>6} {'recall':>6} {'majF1':>6}"]
+             f"{'F1':>6} {'prec':>6} {'recall':>6} {'majF1':>6}" + (f" {'p':>8} {'learnt':>6}" if judged else "")]
     for r in result["attributes"]:
-        lines.append(f"{r['attribute']:<12} {r['positives']:>5} {r['negatives']:>5} {num(r['ap'])} "
-                     f"{num(r['prevalence'])} {num(r['threshold'])} {num(r['f1'])} {num(r['precision'])} "
-                     f"{num(r['recall'])} {num(r['majority_f1'])}")
-    lines.append(f"mAP {num(result['map']).strip()}  macro-F1 {num(result['macro_f1']).strip()}")
+        line = (f"{r['attribute']:<12} {r['positives']:>5} {r['negatives']:>5} {num(r['ap'])} "
+                f"{num(r['prevalence'])} {num(r['threshold'])} {num(r['f1'])} {num(r['precision'])} "
+                f"{num(r['recall'])} {num(r['majority_f1'])}")
+        if judged:
+            p = r["p_adjusted"]
+            line += f" {'n/a' if math.isnan(p) else f'{p:.1e}' if p < 1e-3 else f'{p:.3f}':>8} " \
+                    f"{'yes' if r['learnt'] else 'NO':>6}"
+        lines.append(line)
+    scored = [r for r in result["attributes"] if r["positives"] > 0]
+    chance = float(np.mean([r["prevalence"] for r in scored])) if scored else math.nan
+    majority = float(np.mean([r["majority_f1"] for r in scored])) if scored else math.nan
+    lines.append(f"mAP {num(result['map']).strip()} (chance {num(chance).strip()})  macro-F1 "
+                 f"{num(result['macro_f1']).strip()} (majority answer {num(majority).strip()})")
+    if judged:
+        lines.append(verdict_line(result["attributes"]) + f" (Holm-adjusted permutation p < {ALPHA})")
     return "\n".join(lines)
 
 
@@ -154,3 +175,90 @@ def to_json(result):
         return x
 
     return clean(result)
+
+
+# ---- the verdict: is an attribute learnt, beyond what chance gives on these labels? ----
+
+ALPHA = 0.05  # family-wise error rate of the verdicts (Holm over the attributes)
+RESAMPLES = 1000  # bootstrap resamples of AP - prevalence
+
+
+def rank_p_value(scores, positive):
+    """(AUC, one-sided p-value) of the scores ranking the positives above the negatives. The p-value is that of
+    the permutation test of the ranking against these labels permuted across the rows (the labels against fixed
+    out-of-fold scores): the Mann-Whitney rank-sum test is exactly that test, with the permutation distribution
+    known in closed form (exact for small sets without ties, normal with the tie correction otherwise), so a p-value
+    can be as small as K attributes need, where B Monte-Carlo permutations stop at 1 / (B + 1)."""
+    from scipy.stats import mannwhitneyu
+
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return math.nan, math.nan
+    result = mannwhitneyu(scores[positive], scores[~positive], alternative="greater")
+    return float(result.statistic) / (n_pos * n_neg), float(result.pvalue)
+
+
+def holm(p_values):
+    """Holm's step-down adjustment (controls the chance of calling any unlearnt attribute learnt at ALPHA, whatever
+    the dependence between attributes); NaN stays NaN and does not count."""
+    p = np.asarray(p_values, dtype=np.float64)
+    valid = np.flatnonzero(~np.isnan(p))
+    adjusted = np.full(p.shape, math.nan)
+    order = valid[np.argsort(p[valid], kind="stable")]
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def ap_lift_interval(scores, positive, *, resamples=RESAMPLES, seed=0, level=0.95):
+    """The bootstrap percentile interval of AP - prevalence (rows resampled with Poisson(1) weights: the sort is
+    done once and each resample is a weighted cumulative sum along it)."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    if not positive.any() or positive.all():
+        return math.nan, math.nan
+    order = np.argsort(-scores, kind="stable")
+    s, pos = scores[order], positive[order].astype(np.float64)
+    ends = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # the last row of each run of equal scores
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(resamples, 4_000_000 // s.size))
+    lifts = []
+    for start in range(0, resamples, chunk):
+        w = rng.poisson(1.0, size=(min(chunk, resamples - start), s.size)).astype(np.float64)
+        tp = np.cumsum(w * pos, axis=1)[:, ends]
+        seen = np.cumsum(w, axis=1)[:, ends]
+        total_pos = tp[:, -1]
+        precision = np.divide(tp, seen, out=np.zeros_like(tp), where=seen > 0)
+        ap = np.sum(np.diff(tp, axis=1, prepend=0.0) * precision, axis=1) / np.maximum(total_pos, 1e-300)
+        ok = (total_pos > 0) & (total_pos < seen[:, -1])
+        lifts.append((ap - total_pos / np.maximum(seen[:, -1], 1e-300))[ok])
+    lifts = np.concatenate(lifts)
+    tail = (1 - level) / 2
+    return float(np.quantile(lifts, tail)), float(np.quantile(lifts, 1 - tail))
+
+
+def verdicts(scores, targets, attributes, *, alpha=ALPHA, resamples=RESAMPLES):
+    """Per attribute, from out-of-fold scores (n, K) and targets (1 / 0 / -1 = NA): AUC, the permutation p-value,
+    its Holm adjustment over the attributes, AP - prevalence with its bootstrap interval, and learnt (the adjusted
+    p-value below alpha). An attribute without known positives or negatives cannot be judged: not learnt."""
+    rows = []
+    for name, (s, positive) in zip(attributes, known_columns(scores, targets)):
+        auc, p = rank_p_value(s, positive)
+        ap = average_precision(s, positive)
+        prevalence = float(positive.mean()) if positive.size else math.nan
+        low, high = ap_lift_interval(s, positive, resamples=resamples) if positive.size else (math.nan, math.nan)
+        rows.append({"attribute": name, "auc": auc, "p_value": p, "lift": ap - prevalence, "lift_low": low,
+                     "lift_high": high})
+    for row, adjusted in zip(rows, holm([r["p_value"] for r in rows])):
+        row["p_adjusted"] = float(adjusted)
+        row["learnt"] = bool(adjusted < alpha)  # NaN < alpha is False
+    return rows
+
+
+def verdict_line(rows):
+    """learnt: Attr2, Attr4; not learnt (no better than chance): Attr1, Attr3"""
+    learnt = [r["attribute"] for r in rows if r["learnt"]]
+    not_learnt = [r["attribute"] for r in rows if not r["learnt"]]
+    return f"learnt: {', '.join(learnt) or 'none'}; not learnt (no better than chance): {', '.join(not_learnt) or 'none'}"
