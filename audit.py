@@ -15,7 +15,10 @@ after a first run). There is no second recipe. Writes, in --out (default: the cu
                            the most confident suggestion first (they have no score: NA is never wrong)
     labels_suggested.txt   the labels with NA cells filled where the model is confident (threshold in its header)
 
-The labels file given is only read.
+An attribute the run did not learn (its verdict: no better than chance out of fold) is not audited: its
+probabilities are its prevalence, so a "suspect" of it would be noise, and filling its NA cells would write the
+model's noise into the labels. audit.py says which, and so do both files' first lines. The labels file given is
+only read.
 """
 import argparse
 import csv
@@ -67,6 +70,15 @@ class AuditData:
     source: str  # one line: which oof.npz, and how it was made
     model: str  # the model.pth of the run that made them (for Grad-CAM), or None
     labels_sha256: str  # the labels file's bytes when read
+    verdicts: list  # per attribute: the run's verdict (metrics.verdicts' row)
+
+    @property
+    def learnt(self):
+        return np.array([bool(v["learnt"]) for v in self.verdicts])
+
+    def not_audited(self):
+        """'Attr1 (p 0.41), Attr3 (p 1.00)': the attributes left out, with their adjusted p-values; '' if none."""
+        return ", ".join(f"{v['attribute']} (p {v['p_adjusted']:.2f})" for v in self.verdicts if not v["learnt"])
 
 
 def audit_data(labels, images, *, model="model.pth", train_flags=(), run_dir=None):
@@ -146,14 +158,16 @@ def check_train_flags(flags, script="audit.py"):
 def from_oof(oof, labels, images, *, source, model):
     return AuditData(labels=labels, attributes=list(oof.attributes), names=list(oof.names),
                      paths=oof.paths(images), targets=np.asarray(oof.targets),
-                     probabilities=np.asarray(oof.probabilities), score=label_quality(oof.probabilities, oof.targets),
-                     source=source, model=model, labels_sha256=oof.labels_sha256)
+                     probabilities=np.asarray(oof.probabilities),
+                     score=label_quality(oof.probabilities, oof.targets, oof.learnt),
+                     source=source, model=model, labels_sha256=oof.labels_sha256, verdicts=oof.verdicts)
 
 
 # ---- scores ----
 
-def label_quality(probabilities, targets):
-    """(n, K) suspicion score of each known cell, 1 - cleanlab's label quality; NaN for NA cells.
+def label_quality(probabilities, targets, learnt=None):
+    """(n, K) suspicion score of each known cell, 1 - cleanlab's label quality; NaN for NA cells, and for every
+    cell of an attribute not learnt (learnt[k] False): the model knows nothing of it to suspect a label with.
 
     cleanlab's multi-label scorer takes complete label sets and has no NA, so each attribute is scored as the
     binary problem it is over its known cells only (what cleanlab.multilabel_classification does per class
@@ -162,16 +176,22 @@ def label_quality(probabilities, targets):
     is computed here, and tests/test_audit.py holds it equal to cleanlab.rank.get_label_quality_scores."""
     y = np.asarray(targets)
     p = np.asarray(probabilities, dtype=np.float64)
-    return np.where(y == 1, 1 - p, np.where(y == 0, p, np.nan))
+    score = np.where(y == 1, 1 - p, np.where(y == 0, p, np.nan))
+    if learnt is not None:
+        score[:, ~np.asarray(learnt, dtype=bool)] = np.nan
+    return score
 
 
-def audit_rows(names, attributes, targets, probabilities, score):
-    """One dict per cell: known cells by score (most suspect first), then NA cells by the confidence of their
-    suggestion. suggested: the value the model gives (probability >= 0.5, the balanced loss's midpoint)."""
+def audit_rows(names, attributes, targets, probabilities, score, learnt=None):
+    """One dict per cell of the attributes learnt (learnt None: all): known cells by score (most suspect first),
+    then NA cells by the confidence of their suggestion. suggested: the value the model gives (calibrated
+    probability >= 0.5: the likelier one)."""
     y = np.asarray(targets)
+    audited = [k for k in range(len(attributes)) if learnt is None or learnt[k]]
     rows = []
     for i, name in enumerate(names):
-        for k, attribute in enumerate(attributes):
+        for k in audited:
+            attribute = attributes[k]
             p = float(probabilities[i, k])
             rows.append({"image": name, "attribute": attribute, "given": "NA" if y[i, k] < 0 else int(y[i, k]),
                          "suggested": int(p >= 0.5), "probability": p,
@@ -181,10 +201,13 @@ def audit_rows(names, attributes, targets, probabilities, score):
     return known + unknown
 
 
-def suggested_targets(targets, probabilities, confident):
-    """targets with each NA cell set to 1 where p >= confident, 0 where p <= 1 - confident; others stay NA."""
+def suggested_targets(targets, probabilities, confident, learnt=None):
+    """targets with each NA cell of an attribute learnt set to 1 where p >= confident, 0 where p <= 1 - confident;
+    others stay NA."""
     y = np.asarray(targets).astype(np.int8)
     na = y < 0
+    if learnt is not None:
+        na[:, ~np.asarray(learnt, dtype=bool)] = False
     y[na & (probabilities >= confident)] = 1
     y[na & (probabilities <= 1 - confident)] = 0
     return y
@@ -212,9 +235,13 @@ def recall_in_top(score, flipped, factor=2):
 
 # ---- outputs ----
 
-def write_audit_csv(path, rows):
+def write_audit_csv(path, rows, *, not_audited=""):
+    """label_audit.csv; a first line `# not audited: ...` when attributes were left out (pandas reads the file with
+    read_csv(path, comment="#"))."""
     def write(tmp):
         with open(tmp, "w", newline="") as f:
+            if not_audited:
+                f.write(f"# not audited, not learnt (no better than chance out of fold): {not_audited}\n")
             out = csv.writer(f)
             out.writerow(AUDIT_COLUMNS)
             for r in rows:
@@ -225,10 +252,12 @@ def write_audit_csv(path, rows):
 
 
 def write_suggested(path, data, *, confident, source):
-    filled = suggested_targets(data.targets, data.probabilities, confident)
+    filled = suggested_targets(data.targets, data.probabilities, confident, data.learnt)
     count = int((np.asarray(data.targets) < 0).sum() - (filled < 0).sum())
+    left = data.not_audited()
     comment = (f"# {os.path.basename(source)} with {count} NA cells filled by audit.py: 1 where the out-of-fold "
-               f"probability is >= {confident}, 0 where it is <= {1 - confident:.2f}; the other NA cells stay NA")
+               f"probability is >= {confident}, 0 where it is <= {1 - confident:.2f}; the other NA cells stay NA"
+               + (f"; not filled, not learnt (no better than chance): {left}" if left else ""))
     write_labels(path, data.attributes, data.names, filled, comment=comment)
     return count
 
@@ -246,10 +275,14 @@ def run(args):
     refuse_without_oof(args.train_flags)
     check_train_flags(args.train_flags)
     data = audit_data(args.labels, args.images, model=args.model, train_flags=args.train_flags)
-    rows = audit_rows(data.names, data.attributes, data.targets, data.probabilities, data.score)
-    write_audit_csv(outputs["csv"], rows)
+    rows = audit_rows(data.names, data.attributes, data.targets, data.probabilities, data.score, data.learnt)
+    left = data.not_audited()
+    write_audit_csv(outputs["csv"], rows, not_audited=left)
     filled = write_suggested(outputs["labels"], data, confident=args.confident, source=args.labels)
     log(f"audit of {args.labels} from {data.source}")
+    if left:
+        log(f"not audited: {left}: not learnt (no better than chance out of fold), so the model has no suspect "
+            "and no suggestion for them; their labels are as given")
     log(f"wrote {outputs['csv']} ({len(rows)} cells, the most suspect first) and {outputs['labels']} "
         f"({filled} of {int((data.targets < 0).sum())} NA cells filled at probability {args.confident})")
     for r in rows[:10]:

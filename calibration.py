@@ -130,3 +130,20 @@ def reliability(p, positive, bins=10):
             rows.append((mean_p, share, n))
             ece += n * abs(share - mean_p)
     return rows, ece / max(p.size, 1)
+
+
+def of_facts(facts):
+    """The calibration a model file (model.pth's facts, an .onnx file's metadata) carries; the head's own sigmoid
+    for one made before calibration existed."""
+    return facts.get("calibration") or identity(len(facts["attributes"]))
+
+
+def not_learnt_warning(facts, source):
+    """inference.py's and serve.py's one warning line when an attribute of the model was not learnt, else None."""
+    learnt = facts.get("learnt")
+    if not learnt or all(learnt):
+        return None
+    missed = [a for a, ok in zip(facts["attributes"], learnt) if not ok]
+    return (f"warning: {source}: {', '.join(missed)} {'was' if len(missed) == 1 else 'were'} not learnt (no better "
+            f"than chance on images the model never saw): {'its' if len(missed) == 1 else 'their'} probability is the "
+            "prevalence of the training labels and the answer the majority's, whatever the image")

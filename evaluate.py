@@ -18,7 +18,8 @@ import distributed
 from data_loader import ImageBatches
 from dataset import eval_transform, load_dataset
 from inference import KEEP_FREED_MEMORY, NUM_WORKERS
-from metrics import attribute_metrics, format_table, to_json
+import calibration
+from metrics import attribute_metrics, format_table, to_json, verdicts, with_verdicts
 from model import flip_tta, folded_forward, load_checkpoint, model_from_checkpoint
 from onnx_model import OnnxModel, is_onnx
 from engine import evaluate
@@ -70,17 +71,27 @@ def run(args):
                            batch_size=args.batch_size, shuffle=False,
                            num_workers=resolve_workers(args.num_workers, device), seed=0, device=device,
                            report=report, shard=distributed.active())  # engine.evaluate gathers the shares
-    scores, index, _ = evaluate(forward, batches, device=device)
+    logits, index, _ = evaluate(forward, batches, device=device, logits=True)
     if not len(index):
         raise UserError(f"{args.labels}: no image could be read")
-    result = attribute_metrics(scores, targets[index].numpy(), thresholds, attributes)
+    scores, y = calibration.apply(logits, calibration.of_facts(ckpt)), targets[index].numpy()
+    # The verdict on this set (a set the model did not train on is a fresh test of it), beside the one training
+    # made, which decided the model's calibration.
+    result = with_verdicts(attribute_metrics(scores, y, thresholds, attributes), verdicts(logits, y, attributes))
     result.pop("notes")
+    trained = ckpt.get("learnt")
+    for k, row in enumerate(result["attributes"]):
+        row["learnt_in_training"] = None if trained is None else bool(trained[k])
     if args.json:
         print(json.dumps(to_json(result)))
     else:
         print(f"{len(index)} images, {args.model} (epoch {ckpt.get('epoch')}), thresholds "
               f"{'--threshold ' + str(args.threshold) if args.threshold is not None else 'from the checkpoint'}")
         print(format_table(result))
+        if trained is not None:
+            print(f"training's verdict: {', '.join(a for a, ok in zip(attributes, trained) if ok) or 'none'} learnt"
+                  + (f"; {', '.join(a for a, ok in zip(attributes, trained) if not ok)} not learnt (probability = "
+                     "prevalence)" if not all(trained) else ""))
     return 0
 
 

@@ -119,9 +119,11 @@ def add_metadata(path, props):
 def compare(model, path, names, x, out):
     """Largest |ONNX Runtime - PyTorch| probability over the sample batch and over its first image alone (the
     batch axis is free); over TOLERANCE is an error."""
+    from calibration import apply, of_facts
+
     exported = OnnxModel(path, device="cpu")
     with torch.inference_mode():
-        expected = torch.sigmoid(model(torch.from_numpy(x))).numpy()
+        expected = apply(model(torch.from_numpy(x)).numpy(), of_facts(exported.facts))
     diff = np.abs(exported(x) - expected)
     single = float(np.abs(exported(x[:1]) - expected[:1]).max())
     worst = float(diff.max())

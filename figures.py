@@ -188,3 +188,29 @@ def epoch_loss_figure(history):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def reliability_figure(scores, y, attributes, bins=10):
+    """The reliability diagram: per attribute, the share of known positives against the mean calibrated
+    probability in equal-width bins (the diagonal is a probability that means what it says), with each
+    attribute's expected calibration error; at most MAX_LINES attributes (those with the most known cells)."""
+    from calibration import reliability
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="#999", linestyle="--", linewidth=1)
+    columns = list(zip(attributes, known_columns(scores, y)))
+    columns = sorted(columns, key=lambda c: -c[1][0].size)[:MAX_LINES]
+    for name, (s, positive) in columns:
+        rows, ece = reliability(s, positive, bins)
+        if rows:
+            mean_p, share, _ = zip(*rows)
+            ax.plot(mean_p, share, marker="o", markersize=3, label=f"{name} (ECE {ece:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean predicted probability (bin)")
+    ax.set_ylabel("share positive")
+    ax.set_title("reliability")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig

@@ -21,6 +21,7 @@ import numpy as np
 
 # Nothing here imports torch: an .onnx model runs on ONNX Runtime alone (requirements-inference.txt); the
 # PyTorch path imports it inside its functions.
+import calibration
 from images import list_images, load_image, to_array
 from onnx_model import OnnxModel, is_onnx
 from utils import (UserError, add_runtime_flags, check_batch_size, check_writable, keep_freed_memory, pick_device,
@@ -53,9 +54,10 @@ def expand(inputs):
     return paths
 
 
-def predict(model, paths, transform, *, device, batch_size, num_workers, tta=False):
+def predict(model, paths, transform, *, device, batch_size, num_workers, tta=False, calibrated=None):
     """Yield (path, probabilities list or None, error or None) in input order. tta: the mean of the image's and its
-    mirror's probabilities, as the model was validated."""
+    mirror's probabilities, as the model was validated; calibrated: logits -> probabilities (the model's
+    calibration)."""
     import torch
 
     from data_loader import make_loader
@@ -70,7 +72,8 @@ def predict(model, paths, transform, *, device, batch_size, num_workers, tta=Fal
             return
         forward = flip_tta(model.eval(), features=False) if tta else model.eval()
         with torch.inference_mode():
-            yield paths[0], torch.sigmoid(forward(x.to(device).contiguous(memory_format=torch.channels_last)))[0].tolist(), None
+            logits = forward(x.to(device).contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
+        yield paths[0], calibrated(logits)[0].tolist(), None
         return
     forward = folded_forward(model)
     forward = flip_tta(forward, features=False) if tta else forward
@@ -80,7 +83,8 @@ def predict(model, paths, transform, *, device, batch_size, num_workers, tta=Fal
         for indices, images, errors in loader:
             probabilities = {}
             if images is not None:
-                probabilities = dict(zip(indices.tolist(), torch.sigmoid(forward(images.to(device))).tolist()))
+                logits = forward(images.to(device)).float().cpu().numpy()
+                probabilities = dict(zip(indices.tolist(), calibrated(logits).tolist()))
             messages = dict(errors)
             for i in sorted(list(probabilities) + list(messages)):
                 yield paths[i], probabilities.get(i), messages.get(i)
@@ -107,8 +111,12 @@ def predict_onnx(model, paths, batch_size, tta=False):
 
 
 def onnx_probabilities(model, x, tta):
-    """(n, K) probabilities of an (n, 3, S, S) array on ONNX Runtime; tta: the mean with the mirror images'."""
-    return (model(x) + model(np.ascontiguousarray(x[..., ::-1]))) / 2 if tta else model(x)
+    """(n, K) calibrated probabilities of an (n, 3, S, S) array on ONNX Runtime; tta: of the mean probability with
+    the mirror images' (in log space, as model.flip_tta), calibrated as the PyTorch path is."""
+    logits = model.logits(x)
+    if tta:
+        logits = calibration.tta_logits(logits, model.logits(np.ascontiguousarray(x[..., ::-1])))
+    return calibration.apply(logits, model.calibration)
 
 
 class Loaded(NamedTuple):
@@ -159,9 +167,12 @@ def load_torch(args):
         forward = folded_forward(model)
         return flip_tta(forward, features=False) if tta else forward
 
+    calibrated = functools.partial(calibration.apply, calibration=calibration.of_facts(ckpt))
+
     def forward(inputs):
         with torch.inference_mode():
-            return torch.sigmoid(batch_forward()(torch.stack(inputs).to(device))).tolist()
+            logits = batch_forward()(torch.stack(inputs).to(device)).float().cpu().numpy()
+        return calibrated(logits).tolist()
 
     def figure(image, probabilities, thresholds):
         from explain import explanation_figure
@@ -169,7 +180,8 @@ def load_torch(args):
         return explanation_figure(model, image, probabilities, ckpt=ckpt, thresholds=thresholds, transform=transform)
 
     return Loaded(ckpt, lambda paths: predict(model, paths, transform, device=device, batch_size=args.batch_size,
-                                              num_workers=workers, tta=tta), explain, transform, forward, figure)
+                                              num_workers=workers, tta=tta, calibrated=calibrated),
+                  explain, transform, forward, figure)
 
 
 def load_onnx(args):
@@ -187,14 +199,18 @@ def load_model(args):
     return (load_onnx if is_onnx(args.model) else load_torch)(args)
 
 
-def record(path, probabilities, error, *, attributes, thresholds):
-    """The --json object of one image (serve.py answers with the same)."""
+def record(path, probabilities, error, *, attributes, thresholds, learnt=None):
+    """The --json object of one image (serve.py answers with the same). learnt: the model's verdict per attribute
+    (None for a model made before verdicts existed)."""
     if error is not None:
         return {"image": path, "error": error}
     present = [a for a, p, t in zip(attributes, probabilities, thresholds) if p >= t]
-    return {"image": path, "present": present,
-            "probabilities": {a: round(p, 6) for a, p in zip(attributes, probabilities)},
-            "thresholds": dict(zip(attributes, thresholds))}
+    result = {"image": path, "present": present,
+              "probabilities": {a: round(p, 6) for a, p in zip(attributes, probabilities)},
+              "thresholds": dict(zip(attributes, thresholds))}
+    if learnt is not None:
+        result["learnt"] = dict(zip(attributes, map(bool, learnt)))
+    return result
 
 
 def torchrun():
@@ -230,6 +246,9 @@ def run(args):
         predictor = shared(predictor, args.batch_size)
         explain = explain if os.environ.get("RANK") == "0" else None
     attributes = facts["attributes"]
+    warning = calibration.not_learnt_warning(facts, args.model)
+    if warning and os.environ.get("RANK", "0") == "0":
+        print(warning, file=sys.stderr)
     thresholds = [args.threshold] * len(attributes) if args.threshold is not None else facts["thresholds"]
     paths = expand(args.images)
     if not paths:
@@ -237,7 +256,8 @@ def run(args):
     single = len(paths) == 1 and not os.path.isdir(args.images[0])
     failures = 0
     for path, probabilities, error in predictor(paths):
-        result = record(path, probabilities, error, attributes=attributes, thresholds=thresholds)
+        result = record(path, probabilities, error, attributes=attributes, thresholds=thresholds,
+                        learnt=facts.get("learnt"))
         if error is not None:
             failures += 1
             print(f"error: {error}", file=sys.stderr)

@@ -217,7 +217,7 @@ def ap_lift_interval(scores, positive, *, resamples=RESAMPLES, seed=0, level=0.9
     """The bootstrap percentile interval of AP - prevalence (rows resampled with Poisson(1) weights: the sort is
     done once and each resample is a weighted cumulative sum along it)."""
     scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
-    if not positive.any() or positive.all():
+    if not positive.any() or positive.all() or resamples < 1:
         return math.nan, math.nan
     order = np.argsort(-scores, kind="stable")
     s, pos = scores[order], positive[order].astype(np.float64)

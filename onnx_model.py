@@ -16,6 +16,8 @@ ONNX_FORMAT = "aimonk-multilabel-onnx/1"
 # Written by export.py through metadata() and read back by OnnxModel: the checkpoint's facts.
 METADATA_KEYS = ("format", "backbone", "attributes", "thresholds", "image_size", "mean", "std", "epoch", "tta",
                  "source", "source_sha256")
+# Written since calibration and verdicts exist; a file exported before has none (its probabilities are the sigmoid).
+OPTIONAL_KEYS = ("calibration", "learnt", "p_values")
 INPUT, OUTPUTS = "images", ("probabilities", "logits")
 
 
@@ -27,8 +29,9 @@ def metadata(ckpt, *, source, source_sha256):
     """The metadata_props export.py writes: key -> JSON text."""
     facts = {"format": ONNX_FORMAT, "source": os.path.basename(source), "source_sha256": source_sha256,
              "epoch": ckpt.get("epoch"), "tta": bool(ckpt.get("tta", False)),
-             **{k: ckpt[k] for k in ("backbone", "attributes", "thresholds", "image_size", "mean", "std")}}
-    return {k: json.dumps(_plain(facts[k])) for k in METADATA_KEYS}
+             **{k: ckpt[k] for k in ("backbone", "attributes", "thresholds", "image_size", "mean", "std")},
+             **{k: ckpt[k] for k in OPTIONAL_KEYS if ckpt.get(k) is not None}}
+    return {k: json.dumps(_plain(facts[k])) for k in METADATA_KEYS + OPTIONAL_KEYS if k in facts}
 
 
 def _plain(value):
@@ -55,7 +58,9 @@ def providers(device="auto"):
 
 class OnnxModel:
     """model.facts: the checkpoint keys inference and evaluation read (attributes, thresholds, image_size, mean,
-    std, backbone, epoch, ...); model(x) -> probabilities, model.logits(x), x an (N, 3, S, S) float32 array."""
+    std, backbone, epoch, calibration, learnt, ...); model(x) -> calibrated probabilities (the graph's logits
+    through the calibration the metadata carries, as inference.py does on PyTorch), model.logits(x), x an
+    (N, 3, S, S) float32 array."""
 
     def __init__(self, path, device="auto"):
         self.path = path
@@ -64,9 +69,14 @@ class OnnxModel:
         self.session = _session(path, providers(device))
         self.facts = _read_facts(self.session, path)
         _check_shapes(self.session, self.facts, path)
+        from calibration import of_facts
+
+        self.calibration = of_facts(self.facts)
 
     def __call__(self, x):
-        return self._run(OUTPUTS[0], x)
+        from calibration import apply
+
+        return apply(self.logits(x), self.calibration)
 
     def logits(self, x):
         return self._run(OUTPUTS[1], x)
@@ -97,6 +107,7 @@ def _read_facts(session, path):
                         f"export the checkpoint with `python export.py model.pth`")
     try:
         facts = {k: json.loads(raw[k]) for k in METADATA_KEYS}
+        facts.update({k: json.loads(raw[k]) for k in OPTIONAL_KEYS if k in raw})
     except (KeyError, ValueError) as e:
         raise UserError(f"{path}: the model's metadata is incomplete or damaged ({type(e).__name__}: {e}); "
                         f"export it again") from None

@@ -29,12 +29,14 @@ from audit import audit_rows, label_quality
 from data_loader import FeatureBatches
 from dataset import label_counts, load_dataset, load_image
 from engine import evaluate, oof_mismatch, read_oof
-from metrics import NO_POSITIVES, attribute_metrics
+import calibration
+from metrics import NO_POSITIVES, attribute_metrics, verdict_line, verdicts
 from model import load_checkpoint, model_from_checkpoint
 from utils import (Report, UserError, add_runtime_flags, atomic_write, check_writable,
                    keep_freed_memory, log, pick_device, resolve_workers, run_cli)
 
-MISTAKES = 6  # per attribute: its most confident mistakes shown
+MISTAKES = 6  # per attribute: its most confident mistakes shown (an attribute not learnt: this many given
+#              positives beside as many given negatives instead)
 SUSPECTS = 12  # label-audit suspects shown
 NA_SHOWN = 12  # NA suggestions shown (the most confident)
 THUMB = 128  # long side of a thumbnail, pixels
@@ -92,7 +94,18 @@ def validation_scores(model, ckpt, paths, targets, *, args, device, report):
     batches = FeatureBatches(features, rows, index, targets, batch_size=1024, shuffle=False, seed=0,
                              both_views=tta)
     forward = flip_tta(model.head, features=True) if tta else model.head
-    return evaluate(forward, batches, device=device)[0], ok
+    return calibration.apply(evaluate(forward, batches, device=device, logits=True)[0], calibration.of_facts(ckpt)), ok
+
+
+def given_examples(y, k, count=MISTAKES, seed=0):
+    """Rows of count given positives and count given negatives of attribute k, drawn at random (seeded): what
+    the labels call the attribute, for a person to judge, where the model learnt nothing to show."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for value in (1, 0):
+        rows = np.flatnonzero(y[:, k] == value)
+        picks.append(np.sort(rng.choice(rows, min(count, len(rows)), replace=False)) if len(rows) else rows)
+    return picks
 
 
 def confident_mistakes(scores, y, thresholds, k, count=MISTAKES):
@@ -149,11 +162,12 @@ def metrics_table(result):
 
 
 def gallery(cards):
-    """cards: (name, thumbnail uri, overlay uri, caption html) -> a grid of figures."""
+    """cards: (name, thumbnail uri, overlay uri or None, caption html) -> a grid of figures."""
     items = []
     for name, thumb, overlay, caption in cards:
-        items.append(f'<figure><img src="{thumb}" alt="{esc(name)}"><img src="{overlay}" alt="Grad-CAM of '
-                     f'{esc(name)}"><figcaption><b>{esc(name)}</b><br>{caption}</figcaption></figure>')
+        cam = f'<img src="{overlay}" alt="Grad-CAM of {esc(name)}">' if overlay else ""
+        items.append(f'<figure><img src="{thumb}" alt="{esc(name)}">{cam}<figcaption><b>{esc(name)}</b><br>'
+                     f'{caption}</figcaption></figure>')
     return f'<div class="gallery">{"".join(items)}</div>' if items else "<p>none</p>"
 
 
@@ -216,12 +230,32 @@ def settings_list(pairs):
     return f'<ul id="settings">{items}</ul>'
 
 
+def verdict_section(found, source):
+    """The page's first words: which attributes were learnt, with the numbers that say how sure that is."""
+    rows = []
+    for v in found:
+        interval = f"{num(v['lift'])} [{num(v['lift_low'])}, {num(v['lift_high'])}]"
+        rows.append([esc(v["attribute"]), "yes" if v["learnt"] else "<b>NO</b>", num(v["auc"]),
+                     esc(f"{v['p_adjusted']:.1e}" if v["p_adjusted"] < 1e-3 else f"{v['p_adjusted']:.3f}"), interval])
+    missed = [v["attribute"] for v in found if not v["learnt"]]
+    advice = ("<p><b>Not learnt: " + esc(", ".join(missed)) + ".</b> On images the model never saw it ranks them no "
+              "better than chance: their probabilities are the prevalence, their answers the majority's, and the "
+              "audit and review.py leave them out. Below, instead of mistakes, each shows given positives beside "
+              "given negatives: do the labels follow the images?</p>") if missed else ""
+    return (f'<h2 id="verdict">Verdict: {esc(verdict_line(found))}</h2>'
+            + table(["attribute", "learnt", "AUC", "p (Holm)", "AP - prev [95% bootstrap]"], rows, "verdicts")
+            + f"<p>On {esc(source)}. p: the permutation test of the ranking against the labels shuffled across the "
+              "rows (Mann-Whitney), Holm-adjusted over the attributes; learnt where p &lt; 0.05.</p>" + advice)
+
+
 def build_page(ckpt, model_path, *, eval_data, audit_data, metrics, mistakes, suspects, suggestions, shown,
-               problems, run_warnings, figures):
-    """eval_data: (what, paths, targets); audit_data: (source line or None, names, targets)."""
+               problems, run_warnings, figures, found, examples):
+    """eval_data: (what, paths, targets); audit_data: (source line or None, names, targets); found: the verdicts;
+    examples: per attribute not learnt, its (given positives, given negatives) cards' data."""
     attributes, named = ckpt["attributes"], thresholds_named(ckpt)
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Report: {esc(model_path)}"
-             f"</title><style>{STYLE}</style></head><body><h1>Report: {esc(model_path)}</h1>"]
+             f"</title><style>{STYLE}</style></head><body><h1>Report: {esc(model_path)}</h1>",
+             verdict_section(found, eval_data[0])]
     pairs = [(esc(k), esc(v)) for k, v in sorted(ckpt["config"].items())] + [
         ("epoch of this model", esc(ckpt.get("epoch"))), ("validation mAP at training", num(ckpt.get("val_map")))]
     parts.append("<h2>Run</h2>" + settings_list(pairs))
@@ -236,11 +270,17 @@ def build_page(ckpt, model_path, *, eval_data, audit_data, metrics, mistakes, su
     parts.append(f"<h2>Per attribute, {esc(named)}</h2>" + metrics_table(metrics)
                  + "<p>pos/neg: known positives and negatives; prev: prevalence, the AP of a random ranker; majF1: "
                    "the F1 of always answering the majority class. NA cells are ignored.</p>")
-    parts.append('<h2>Precision-recall and loss</h2><div class="figs">'
+    parts.append('<h2>Precision-recall, reliability and loss</h2><div class="figs">'
                  + "".join(f'<img src="{uri}" alt="{esc(alt)}">' for alt, uri in figures) + "</div>"
-                 + ("" if len(figures) > 1 else "<p>loss per epoch: n/a (no metrics.json of the run found)</p>"))
+                 + ("" if len(figures) > 2 else "<p>loss per epoch: n/a (no metrics.json of the run found)</p>"))
     parts.append(f"<h2>Most confident mistakes, {esc(named)}</h2>")
     for k, a in enumerate(attributes):
+        if k in examples:  # not learnt: its "mistakes" would be noise
+            positives, negatives = ([(name, shown.uris[i][0], None, f"given {given}") for name, given, i in side]
+                                    for side in examples[k])
+            parts.append(f"<h3>{esc(a)}: not learnt, no mistakes shown</h3><p>Given positives:</p>"
+                         + gallery(positives) + "<p>Given negatives:</p>" + gallery(negatives))
+            continue
         cards = [(name, *shown.uris[i], f"given {given}, predicted {int(p >= ckpt['thresholds'][k])}, p {p:.3f} "
                   f"(thr {ckpt['thresholds'][k]:.3f})") for name, given, p, i in mistakes[k]]
         parts.append(f"<h3>{esc(a)}</h3>" + gallery(cards))
@@ -323,12 +363,18 @@ def make_report(args):
         y = targets.numpy()[ok]
         audit = (None, [], np.zeros((0, len(attributes)), dtype=np.int8))
     result = attribute_metrics(scores, y, ckpt["thresholds"], attributes)
+    # The run's verdicts where the report shows its out-of-fold predictions; on a validation split, the test on it.
+    found = oof.verdicts if oof is not None else verdicts(scores, y, attributes)
+    learnt = [v["learnt"] for v in found]
     shown = Shown()
     mistakes = [[(names[i], int(y[i, k]), float(scores[i, k]), shown.add(paths[i], k))
-                 for i in confident_mistakes(scores, y, ckpt["thresholds"], k)] for k in range(len(attributes))]
+                 for i in confident_mistakes(scores, y, ckpt["thresholds"], k)] if learnt[k] else []
+                for k in range(len(attributes))]
+    examples = {k: [[(names[i], int(y[i, k]), shown.add(paths[i], k)) for i in side] for side in given_examples(y, k)]
+                for k in range(len(attributes)) if not learnt[k]}
     suspects, suggestions = [], []
     if audit[0] is not None:
-        rows = audit_rows(names, attributes, y, scores, label_quality(scores, y))
+        rows = audit_rows(names, attributes, y, scores, label_quality(scores, y, learnt), learnt)
         row_of = {n: i for i, n in enumerate(names)}
         suspects = [(r, shown.add(paths[row_of[r["image"]]], attributes.index(r["attribute"])))
                     for r in [r for r in rows if r["score"] is not None][:SUSPECTS]]
@@ -337,15 +383,16 @@ def make_report(args):
     shown.render(model, ckpt, device=device)
     run = read_run(args.metrics or os.path.join(os.path.dirname(os.path.abspath(args.model)), "metrics.json"))
     history = run.get("history") or []
-    from figures import epoch_loss_figure, pr_figure
+    from figures import epoch_loss_figure, pr_figure, reliability_figure
 
-    figures = [("precision-recall curves", png_uri(pr_figure(scores, y, ckpt["thresholds"], attributes)))]
+    figures = [("precision-recall curves", png_uri(pr_figure(scores, y, ckpt["thresholds"], attributes))),
+               ("reliability diagram", png_uri(reliability_figure(scores, y, attributes)))]
     if history:
         figures.append(("loss per epoch", png_uri(epoch_loss_figure(history))))
     page = build_page(ckpt, args.model, eval_data=(args.labels, paths, y), audit_data=audit, metrics=result,
                       mistakes=mistakes, suspects=suspects, suggestions=suggestions, shown=shown,
                       problems=report.by_reason, run_warnings=(run.get("warnings") or {}).get("messages", []),
-                      figures=figures)
+                      figures=figures, found=found, examples=examples)
     atomic_write(args.out, lambda tmp: write_text(tmp, page))
     log(f"wrote {args.out} ({len(page) / 1e6:.2f} MB, {len(shown.pairs)} Grad-CAM overlays, "
         f"{time.time() - started:.1f}s)")

@@ -373,6 +373,9 @@ function renderState() {
   $("facts").textContent = state.labels + " · " + state.source;
   $("progress").textContent = state.reviewed + " reviewed / " + state.queue + " in queue · " + state.changed +
     " changed · " + state.na_filled + " NA filled · " + state.kept + " kept";
+  const left = $("not-learnt");
+  left.hidden = !state.not_learnt_message;
+  left.textContent = state.not_learnt_message || "";
   const banner = $("changed");
   banner.hidden = !state.labels_changed;
   banner.textContent = state.labels_message || "";

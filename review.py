@@ -115,10 +115,12 @@ class Queue:
         self.score = np.asarray(data.score, dtype=np.float64)
         self.row_of = {name: i for i, name in enumerate(self.names)}
         self.column_of = {a: k for k, a in enumerate(self.attributes)}
-        cells = audit.audit_rows(self.names, self.attributes, self.targets, self.probabilities, self.score)
+        # Cells of an attribute the run did not learn are left out (audit.py: no suspect, no suggestion).
+        cells = audit.audit_rows(self.names, self.attributes, self.targets, self.probabilities, self.score,
+                                 data.learnt)
         self.rows = np.fromiter((self.row_of[c["image"]] for c in cells), dtype=np.int64, count=len(cells))
         self.columns = np.fromiter((self.column_of[c["attribute"]] for c in cells), dtype=np.int64, count=len(cells))
-        self.position = np.empty(len(cells), dtype=np.int64)  # queue position of cell row * K + column
+        self.position = np.full(len(self.names) * len(self.attributes), -1, dtype=np.int64)  # of cell i * K + k
         self.position[self.rows * len(self.attributes) + self.columns] = np.arange(len(cells))
         self.known = self.targets[self.rows, self.columns] >= 0
         self.filtered = {}  # (attribute, kind) -> queue positions; at most (K + 1) x 3 of them
@@ -159,7 +161,8 @@ class Queue:
         decided = np.zeros(len(self.rows), dtype=bool)
         cells = [(self.row_of.get(image), self.column_of.get(attribute)) for image, attribute in ledger.decided()]
         cells = [i * len(self.attributes) + k for i, k in cells if i is not None and k is not None]
-        decided[self.position[np.asarray(cells, dtype=np.int64)]] = True
+        positions = self.position[np.asarray(cells, dtype=np.int64)]
+        decided[positions[positions >= 0]] = True
         return decided
 
     def progress(self, ledger):
@@ -517,7 +520,12 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
             ledger.refresh()
             progress = queue.progress(ledger)
         changed = watch.check()
+        left = data.not_audited()
         return {"labels": os.path.basename(data.labels), "attributes": queue.attributes, "source": data.source,
+                "not_learnt": [v["attribute"] for v in data.verdicts if not v["learnt"]],
+                "not_learnt_message": (f"Not in the queue: {left}. The model did not learn them (no better than "
+                                       "chance on images it never saw), so it has nothing to suggest; their labels "
+                                       "stay as given.") if left else None,
                 "queue": len(queue), "known": int(queue.known.sum()), "na": int((~queue.known).sum()),
                 "reviewer": args.reviewer, "gradcam": cams.missing is None, "gradcam_missing": cams.missing,
                 "last_id": ledger.last_id, **progress, "labels_changed": changed,
@@ -585,6 +593,7 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
         undone, value, holding = done
         i, k = queue.row_of.get(undone["image"]), queue.column_of.get(undone["attribute"])
         index = None if i is None or k is None else int(queue.position[i * len(queue.attributes) + k])
+        index = None if index is not None and index < 0 else index
         return {"undone": undone, "value": value, "decided": holding, "index": index}
 
     @app.get("/api/export")

@@ -27,6 +27,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import web
+from calibration import not_learnt_warning
 from images import load_image
 from inference import load_model, record
 from utils import UserError, run_cli
@@ -235,6 +236,10 @@ def create_app(args):
 
     loaded = load_model(args)
     attributes, thresholds = loaded.facts["attributes"], loaded.facts["thresholds"]
+    learnt = loaded.facts.get("learnt")
+    warning = not_learnt_warning(loaded.facts, args.model)
+    if warning and "SERVE_ARGS" not in os.environ:  # said once, by the process the user started, not each worker
+        print(warning, file=sys.stderr, flush=True)
     metrics = Metrics()
     state = argparse.Namespace(batcher=None, open=0, draining=False, explaining=False)
 
@@ -302,7 +307,7 @@ def create_app(args):
 
     @app.post("/predict")
     async def predict(request: Request):
-        results = [record(name, p, error, attributes=attributes, thresholds=thresholds)
+        results = [record(name, p, error, attributes=attributes, thresholds=thresholds, learnt=learnt)
                    for name, _, p, error in await predicted(request)]
         if all("error" in r for r in results):
             return error_response(400, f"none of the {len(results)} files could be read as an image", images=results)
@@ -356,6 +361,7 @@ def create_app(args):
     async def model_facts():
         """What the page (or a client) needs to know: names, thresholds, limits, whether Grad-CAM is there."""
         return {"model": os.path.basename(args.model), "attributes": attributes, "thresholds": thresholds,
+                "learnt": None if learnt is None else dict(zip(attributes, map(bool, learnt))),
                 "backbone": loaded.facts["backbone"], "image_size": loaded.facts["image_size"],
                 "explain": loaded.figure is not None, "token": args.token is not None,
                 "max_files": args.max_files, "max_body": args.max_body}

@@ -24,6 +24,7 @@ from common import ROOT, machine_lines
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import calibration  # noqa: E402
 import model as model_py  # noqa: E402
 import engine  # noqa: E402
 import train  # noqa: E402
@@ -124,8 +125,8 @@ def test_scores(model_path, labels, images, cache_dir):
     batches = FeatureBatches(features, rows, np.flatnonzero(ok), targets, batch_size=256, shuffle=False, seed=0,
                              both_views=tta)
     forward = flip_tta(model.head, features=True) if tta else model.head
-    scores, index, _ = engine.evaluate(forward, batches, device=torch.device("cpu"))
-    return scores, targets[index].numpy(), ckpt
+    logits, index, _ = engine.evaluate(forward, batches, device=torch.device("cpu"), logits=True)
+    return calibration.apply(logits, calibration.of_facts(ckpt)), targets[index].numpy(), ckpt
 
 
 def run_recipe(name, seed, args, folder):

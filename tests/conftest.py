@@ -69,8 +69,9 @@ def no_network(monkeypatch):
     return attempts
 
 
-def write_checkpoint(path, backbone="mobilenet_v3_large", image_size=64, seed=0, weights="none"):
-    """A model.pth as train.py writes it, untrained: a seeded random head on the backbone's `weights`."""
+def write_checkpoint(path, backbone="mobilenet_v3_large", image_size=64, seed=0, weights="none", **facts):
+    """A model.pth as train.py writes it, untrained: a seeded random head on the backbone's `weights`; facts:
+    more of the checkpoint's keys (calibration, learnt, p_values, tta)."""
     from dataset import IMAGENET_MEAN, IMAGENET_STD
     from model import build_model, make_checkpoint, save_checkpoint
 
@@ -80,7 +81,8 @@ def write_checkpoint(path, backbone="mobilenet_v3_large", image_size=64, seed=0,
         model.head.weight.normal_(0, 2.0 / model.head.in_features ** 0.5)
     save_checkpoint(make_checkpoint(model, backbone=backbone, attributes=["Attr1", "Attr2", "Attr3", "Attr4"],
                                     image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                    thresholds=[0.5, 0.45, 0.55, 0.5], config={"unfreeze": "none"}, epoch=1),
+                                    thresholds=[0.5, 0.45, 0.55, 0.5], config={"unfreeze": "none"}, epoch=1,
+                                    **facts),
                     str(path))
     return str(path)
 

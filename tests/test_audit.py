@@ -15,6 +15,30 @@ from dataset import parse_labels, write_labels
 from engine import read_oof
 
 
+def read_audit_csv(path):
+    """(the `# not audited` line or None, the rows)."""
+    with open(path) as f:
+        first = f.readline()
+        comment = first.strip() if first.startswith("#") else None
+        if comment is None:
+            f.seek(0)
+        return comment, list(csv.DictReader(f))
+
+
+def test_an_attribute_not_learnt_has_no_suspect_no_suggestion_and_no_queue_row():
+    p = np.array([[0.01, 0.3], [0.99, 0.6], [0.999, 0.95]], dtype=np.float32)
+    y = np.array([[1, 0], [0, 1], [-1, -1]], dtype=np.int8)
+    learnt = [False, True]
+    score = audit.label_quality(p, y, learnt)
+    assert np.isnan(score[:, 0]).all() and score[:2, 1] == pytest.approx([0.3, 0.4])
+    rows = audit.audit_rows(["a", "b", "c"], ["A", "B"], y, p, score, learnt)
+    assert [(r["image"], r["attribute"]) for r in rows] == [("b", "B"), ("a", "B"), ("c", "B")]
+    # A's NA cell at p 0.999 stays NA; B's at 0.95 is filled.
+    assert audit.suggested_targets(y, p, 0.9, learnt).tolist() == [[1, 0], [0, 1], [-1, 1]]
+    assert audit.label_quality(p, y, [False, False])[np.isfinite(audit.label_quality(p, y))].size == 4
+    assert np.isnan(audit.label_quality(p, y, [False, False])).all()
+
+
 def test_scores_are_one_minus_the_probability_of_the_given_label_and_na_has_none():
     p = np.array([[0.9, 0.3], [0.2, 0.6], [0.6, 0.5]], dtype=np.float32)
     y = torch.tensor([[1, 0], [1, 1], [-1, 0]])
@@ -59,7 +83,8 @@ def test_flip_known_flips_five_percent_of_known_cells_only():
 
 
 def test_cli_writes_the_csv_and_the_suggested_labels_and_leaves_the_labels_file_alone(tiny_set, tmp_path, capsys):
-    """No run beside --model: audit.py runs train.py's cross-validation itself (train.py's flags passed on)."""
+    """No run beside --model: audit.py runs train.py's cross-validation itself (train.py's flags passed on). 24
+    images on a random backbone: nothing is learnt, so nothing is suspected or filled, and both files say why."""
     labels, images = tiny_set
     before = hashlib.sha1(open(labels, "rb").read()).hexdigest()
     out = tmp_path / "audit"
@@ -67,24 +92,30 @@ def test_cli_writes_the_csv_and_the_suggested_labels_and_leaves_the_labels_file_
     args = [*fast, "--labels", labels, "--images", images, "--out", str(out), "--cache-dir", str(tmp_path / "c"),
             "--model", str(tmp_path / "none" / "model.pth"), "--epochs", "3", "--folds", "3", "--repeats", "1"]
     assert audit.main(args) == 0
-    assert "computing the out-of-fold predictions" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "computing the out-of-fold predictions" in said
+    assert "not audited: Attr1 (p " in said and "no suspect and no suggestion" in said
+    assert "suspect:" not in said
     assert hashlib.sha1(open(labels, "rb").read()).hexdigest() == before
     given = parse_labels(labels)
+    comment, rows = read_audit_csv(out / "label_audit.csv")
+    assert comment.startswith("# not audited, not learnt") and all(a in comment for a in given.attributes)
+    assert rows == []
     with open(out / "label_audit.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert list(rows[0]) == list(audit.AUDIT_COLUMNS)
-    assert len(rows) == len(given.names) * len(given.attributes)
-    scores = [float(r["score"]) for r in rows if r["score"]]
-    assert scores == sorted(scores, reverse=True)
-    na_rows = [r for r in rows if r["given"] == "NA"]
-    assert na_rows and rows[-len(na_rows):] == na_rows and all(not r["score"] for r in na_rows)
+        f.readline()  # the comment
+        assert next(csv.reader(f)) == list(audit.AUDIT_COLUMNS)
+    audited = set()
     suggested = parse_labels(str(out / "labels_suggested.txt"))
     assert suggested.names == given.names
     first = open(out / "labels_suggested.txt").readline()
-    assert first.startswith("#") and "0.9" in first
+    assert first.startswith("#") and "0.9" in first and "with 0 NA cells filled" in first and "not filled" in first
+    assert suggested.targets.tolist() == given.targets.tolist()
     probability = {(r["image"], r["attribute"]): float(r["probability"]) for r in rows}
     for name, old, new in zip(given.names, given.targets, suggested.targets):
         for attribute, a, b in zip(given.attributes, old, new):
+            if attribute not in audited:  # not learnt: nothing filled
+                assert b == a
+                continue
             p = probability[(name, attribute)]
             assert b == (a if a >= 0 else 1 if p >= 0.9 else 0 if p <= 0.1 else -1)
     assert audit.main([*args, "--out", str(tmp_path), "--labels", str(tmp_path / "labels_suggested.txt")]) == 2
@@ -107,11 +138,14 @@ def test_the_audit_reads_the_runs_out_of_fold_predictions_and_trains_nothing(tin
     out = capsys.readouterr().out
     assert "repeat " not in out and "extracting" not in out and f"from {tmp_path / 'oof.npz'}" in out
     oof = read_oof(str(tmp_path / "oof.npz"))
-    with open(tmp_path / "audit" / "label_audit.csv") as f:
-        written = {(r["image"], r["attribute"]): float(r["probability"]) for r in csv.DictReader(f)}
+    written = {(r["image"], r["attribute"]): float(r["probability"])
+               for r in read_audit_csv(tmp_path / "audit" / "label_audit.csv")[1]}
     for i, name in enumerate(oof.names):
         for k, attribute in enumerate(oof.attributes):
-            assert written[(name, attribute)] == pytest.approx(float(oof.probabilities[i, k]), abs=1e-6)
+            if oof.learnt[k]:
+                assert written[(name, attribute)] == pytest.approx(float(oof.probabilities[i, k]), abs=1e-6)
+            else:  # not learnt: not audited
+                assert (name, attribute) not in written
     # The labels file changed since the run (one cell): its predictions are stale, said so, and made anew.
     lines = open(labels).read().splitlines()
     cells = lines[0].split()

@@ -62,9 +62,8 @@ def test_every_row_is_scored_once_per_repeat_by_a_head_that_never_trained_on_it(
             scored += held.tolist()
         assert sorted(scored) == list(range(30))
     assert (state.folds[:, 0] != state.folds[:, 1]).any()
-    # One probability per row, epoch and repeat: the mean is a probability, and it is not constant.
-    mean = state.scores.mean(0)
-    assert ((mean > 0) & (mean < 1)).all() and mean.std() > 0
+    # One logit per row, epoch and repeat: finite, and not constant.
+    assert np.isfinite(state.scores).all() and state.scores.mean(0).std() > 0
 
 
 def test_repeat_r_is_the_same_heads_whatever_follows_and_its_own_map_is_kept():
@@ -81,9 +80,11 @@ def test_repeat_r_is_the_same_heads_whatever_follows_and_its_own_map_is_kept():
     np.testing.assert_array_equal(two.folds[:, 0], one.folds[:, 0])
     np.testing.assert_array_equal(two.scores[0], one.scores[0])
     second = two.scores[1]
-    assert (second > 0).all() and (second < 1).all() and not np.allclose(second, one.scores[0])
-    cv = engine.finish_out_of_fold(two, index, y, attributes=["a", "b"], thresholds="0.5")
-    expected = [attribute_metrics(r[cv.epochs - 1], y.numpy(), None, ["a", "b"])["map"] for r in two.scores]
+    assert np.isfinite(second).all() and not np.allclose(second, one.scores[0])
+    cv = engine.finish_out_of_fold(two, index, y, attributes=["a", "b"], thresholds="0.5",
+                                   loss_fn=engine.make_loss_for(recipe(), y))
+    expected = [attribute_metrics(engine.sigmoid(r[cv.epochs - 1]), y.numpy(), None, ["a", "b"])["map"]
+                for r in two.scores]
     assert cv.repeat_maps == pytest.approx(expected, abs=1e-9)
 
 
@@ -130,16 +131,36 @@ def test_a_stopped_cross_validation_goes_on_with_the_next_head_and_ends_as_if_ne
     np.testing.assert_array_equal(saved.folds, straight.folds)
 
 
-def test_the_chosen_epoch_is_the_best_mean_out_of_fold_map_and_its_probabilities_are_kept():
+def test_the_epoch_rules_by_hand():
+    """1se: the first epoch within one standard error of the best mAP; map: the best (the first of ties); loss: the
+    lowest loss."""
+    history = [{"map": 0.80, "map_se": 0.0, "loss": 0.5}, {"map": 0.88, "map_se": 0.0, "loss": 0.4},
+               {"map": 0.90, "map_se": 0.03, "loss": 0.45}, {"map": 0.90, "map_se": 0.01, "loss": 0.6}]
+    assert engine.choose_epoch(history, "map") == 2
+    assert engine.choose_epoch(history, "1se") == 1  # 0.88 >= 0.90 - 0.03; 0.80 is not
+    assert engine.choose_epoch(history, "loss") == 1
+    history[2]["map_se"] = 0.0
+    assert engine.choose_epoch(history, "1se") == 2
+
+
+def test_the_history_and_the_chosen_epoch_of_a_hand_made_cross_validation():
     y = torch.tensor([[1], [0], [1], [0]], dtype=torch.int8)
     # epoch 1 ranks the rows wrongly, epoch 2 rightly, epoch 3 ties epoch 2 (the first of ties is chosen).
-    sums = np.array([[[0.2], [0.8], [0.3], [0.7]], [[0.9], [0.1], [0.8], [0.2]], [[0.7], [0.3], [0.6], [0.4]]])
+    p = np.array([[[0.2], [0.8], [0.3], [0.7]], [[0.9], [0.1], [0.8], [0.2]], [[0.7], [0.3], [0.6], [0.4]]])
+    logits = np.log(p / (1 - p))
     state = engine.OutOfFold(folds=np.zeros((4, 2), dtype=np.int64), done=np.ones(4, dtype=bool),
-                             scores=np.stack([sums, sums]).astype(np.float32))
-    cv = engine.finish_out_of_fold(state, np.arange(4), y, attributes=["A"], thresholds="0.5")
+                             scores=np.stack([logits, logits]).astype(np.float32))
+    cv = engine.finish_out_of_fold(state, np.arange(4), y, attributes=["A"], thresholds="0.5", rule="map",
+                                   loss_fn=engine.make_loss_for(recipe(), y))
     # epoch 1: positives ranked 3rd and 4th, AP = (1/3 + 2/4) / 2 = 5/12
     assert cv.epochs == 2 and [h["map"] for h in cv.history] == pytest.approx([5 / 12, 1.0, 1.0])
-    np.testing.assert_allclose(cv.probabilities, sums[1], rtol=1e-6)
+    # One fold, so no spread to measure: the standard error is 0 and 1se picks the best too.
+    assert [h["map_se"] for h in cv.history] == [0.0, 0.0, 0.0]
+    # 4 rows, 2 positives ranked first: the permutation p-value is 1 / C(4, 2) = 1/6 (exact), not learnt at 0.05.
+    assert cv.verdicts[0]["p_value"] == pytest.approx(1 / 6) and cv.learnt == [False]
+    # Not learnt: the calibration is the constant, Platt's smoothed prevalence (2 + 1) / (2 + 2) ... of targets
+    # 3/4 and 1/4: their mean 1/2; the threshold is 0.5 on that scale (the majority answer; a tie here).
+    assert cv.calibration["slope"] == [0.0] and engine.sigmoid(cv.calibration["intercept"][0]) == pytest.approx(0.5)
     assert cv.thresholds == [0.5]
 
 

@@ -270,3 +270,45 @@ def test_known_columns_drop_each_attributes_na_rows():
     (s0, y0), (s1, y1) = known_columns(scores, targets)
     assert s0.tolist() == pytest.approx([0.1, 0.3]) and y0.tolist() == [True, False]
     assert s1.tolist() == pytest.approx([0.7, 0.8]) and y1.tolist() == [False, True]
+
+
+# ---- the verdict ----
+
+def test_the_permutation_p_value_of_a_tiny_set_is_its_exact_permutation_distribution():
+    """4 rows, 2 positives: C(4, 2) = 6 equally likely placements of the positives; ranked first and second, only
+    the observed one is as good: p = 1/6. Ranked 1st and 3rd: that one and the best: 2/6."""
+    from metrics import rank_p_value
+
+    assert rank_p_value([0.9, 0.8, 0.2, 0.1], [True, True, False, False]) == (1.0, pytest.approx(1 / 6))
+    auc, p = rank_p_value([0.9, 0.2, 0.8, 0.1], [True, True, False, False])
+    assert auc == 0.75 and p == pytest.approx(2 / 6)
+
+
+def test_holm_by_hand():
+    from metrics import holm
+
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1 -> 0.03, 0.06, max(0.06, 0.04) = 0.06; NaN stays out of the count
+    assert np.allclose(holm([0.01, 0.04, 0.03, np.nan])[:3], [0.03, 0.06, 0.06])
+
+
+def test_verdicts_on_labels_without_signal_hold_the_error_rate_and_find_a_real_signal():
+    from metrics import verdicts
+
+    rng = np.random.default_rng(0)
+    called = 0
+    for _ in range(100):
+        y = (rng.random((300, 4)) < 0.2).astype(np.int8)
+        called += sum(v["learnt"] for v in verdicts(rng.random((300, 4)), y, list("abcd"), resamples=0))
+    assert called <= 12  # 400 pairs; Holm keeps the chance of any call per set at 5%: about 5 expected
+    y = (rng.random((300, 1)) < 0.2).astype(np.int8)
+    (v,) = verdicts(rng.random((300, 1)) + 0.5 * y, y, ["a"], resamples=200)
+    assert v["learnt"] and v["p_value"] < 1e-6 and 0 < v["lift_low"] < v["lift"] < v["lift_high"]
+
+
+def test_the_bootstrap_interval_of_a_perfect_ranking_is_its_lift_exactly():
+    from metrics import ap_lift_interval
+
+    scores = np.arange(10.0)
+    positive = scores >= 7  # the top 3: AP 1 whatever is resampled, prevalence varies
+    low, high = ap_lift_interval(scores, positive, resamples=500)
+    assert 0 < low <= 0.7 <= high < 1

@@ -225,3 +225,45 @@ def test_flip_tta_gives_the_same_probabilities_on_both_runtimes_and_differs_from
         runs[name] = np.array([list(json.loads(line)["probabilities"].values()) for line in out.splitlines()])
     np.testing.assert_allclose(runs["pth"], runs["onnx"], atol=1e-5)
     assert np.abs(runs["pth"] - runs["plain"]).max() > 1e-3  # the mirror changed something: TTA was applied
+
+
+def test_a_calibrated_model_with_an_attribute_not_learnt_says_so_and_both_files_agree(models, tmp_path):
+    """The calibration travels with the model: inference.py gives the same calibrated probabilities from the .pth
+    and from its .onnx (flip TTA on, in log space on both), the attribute not learnt is its prevalence for every
+    image, the JSON says which were learnt, and one warning line names it."""
+    import calibration
+
+    facts = dict(calibration={"slope": [0.5, 1.5, 0.0, 1.0], "intercept": [-0.3, 0.2, -1.3862944, 0.0]},
+                 learnt=[True, True, False, True], p_values=[1e-9, 1e-6, 0.6, 1e-3], tta=True)
+    pth = write_checkpoint(tmp_path / "cal.pth", "efficientnet_lite0", image_size=64, weights="imagenet", **facts)
+    assert call(export, [pth, "--images", models["images"], "--check-images", "4"])[0] == 0
+    paths = [os.path.join(models["images"], f"img_000{i}.jpg") for i in (1, 2, 3)]
+    outputs = [call(inference, [*paths, "--json", "--model", m, "--device", "cpu", "--num-workers", "0"])
+               for m in (pth, str(tmp_path / "cal.onnx"))]
+    prevalence = float(calibration.sigmoid(-1.3862944))  # 0.2
+    for (rc, out, err), model in zip(outputs, (pth, str(tmp_path / "cal.onnx"))):
+        assert rc == 0
+        assert err.splitlines() == [f"warning: {model}: Attr3 was not learnt (no better than chance on images the "
+                                    "model never saw): its probability is the prevalence of the training labels and "
+                                    "the answer the majority's, whatever the image"]
+        records = [json.loads(line) for line in out.splitlines()]
+        assert all(r["learnt"] == {"Attr1": True, "Attr2": True, "Attr3": False, "Attr4": True} for r in records)
+        assert all(r["probabilities"]["Attr3"] == pytest.approx(prevalence, abs=1e-6) for r in records)
+    (_, out_p, _), (_, out_o, _) = outputs
+    for p, o in zip(out_p.splitlines(), out_o.splitlines()):
+        p, o = json.loads(p), json.loads(o)
+        assert p["present"] == o["present"]
+        assert all(abs(p["probabilities"][a] - o["probabilities"][a]) <= 1e-5 for a in p["probabilities"])
+    # By hand for the .pth: sigmoid(slope * the TTA logit + intercept) of the head's own output.
+    from dataset import eval_transform
+    from dataset import load_image
+    from model import flip_tta, load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(pth)
+    net = model_from_checkpoint(ckpt).eval()
+    x = eval_transform(64, ckpt["mean"], ckpt["std"])(load_image(paths[0])).unsqueeze(0)
+    with torch.inference_mode():
+        z = flip_tta(net, features=False)(x)[0].numpy()
+    expected = calibration.sigmoid(np.array(facts["calibration"]["slope"]) * z + facts["calibration"]["intercept"])
+    got = json.loads(out_p.splitlines()[0])["probabilities"]
+    assert [got[a] for a in ("Attr1", "Attr2", "Attr3", "Attr4")] == pytest.approx(expected.tolist(), abs=1e-5)
