@@ -342,16 +342,18 @@ class Judged:
 
 def judge(logits, y, folds, *, attributes, thresholds, resamples=None):
     """logits (R, n, K): R sets of held-out logits of the same rows (the repeats), folds (n, R) the folds they were
-    held out in. The verdict is taken on the mean probability over the sets (ranks do not need calibration); the
-    calibration of the model is fitted on every row, R points a row (the model is one head, like each set's)."""
-    from calibration import cross_fit, fit
+    held out in (None: a validation split, whose rows calibrate the model itself; its probabilities are then the
+    model's, in-sample for the calibration's 2 numbers an attribute, and evaluate.py reproduces them). The verdict
+    is taken on the mean probability over the sets (ranks do not need calibration); the calibration of the model is
+    fitted on every row, R points a row (the model is one head, like each set's)."""
+    from calibration import apply, cross_fit, fit
     from metrics import RESAMPLES, verdicts
 
     raw = sigmoid(logits).mean(0)
     found = verdicts(raw, y, attributes, resamples=RESAMPLES if resamples is None else resamples)
     learnt = [v["learnt"] for v in found]
-    probabilities = cross_fit(logits, y, folds, learnt)
     calibration = fit(logits.reshape(-1, y.shape[1]), np.tile(y, (len(logits), 1)), learnt)
+    probabilities = apply(logits[0], calibration) if folds is None else cross_fit(logits, y, folds, learnt)
     chosen, notes = calibrated_thresholds(thresholds, probabilities, y, calibration, learnt, attributes)
     return Judged(probabilities=probabilities, raw=raw, verdicts=found, calibration=calibration, thresholds=chosen,
                   notes=notes)

@@ -75,8 +75,8 @@ class Collected(Report):
 # ---- data and scores ----
 
 def validation_scores(model, ckpt, paths, targets, *, args, device, report):
-    """The model's probabilities of paths (flip TTA when the run used it) from train.py's feature cache, through
-    engine.evaluate as in training's validation; and the ok mask."""
+    """The model's calibrated probabilities and its logits of paths (flip TTA when the run used it) from train.py's
+    feature cache, through engine.evaluate as in training's validation; and the ok mask."""
     from feature_cache import cached_features
     from model import flip_tta
 
@@ -90,11 +90,12 @@ def validation_scores(model, ckpt, paths, targets, *, args, device, report):
         mirror=np.full(len(paths), tta))
     index = np.flatnonzero(ok)
     if len(index) == 0:
-        return np.zeros((0, targets.shape[1]), dtype=np.float32), ok
+        return np.zeros((0, targets.shape[1]), dtype=np.float32), np.zeros((0, targets.shape[1])), ok
     batches = FeatureBatches(features, rows, index, targets, batch_size=1024, shuffle=False, seed=0,
                              both_views=tta)
     forward = flip_tta(model.head, features=True) if tta else model.head
-    return calibration.apply(evaluate(forward, batches, device=device, logits=True)[0], calibration.of_facts(ckpt)), ok
+    logits = evaluate(forward, batches, device=device, logits=True)[0]
+    return calibration.apply(logits, calibration.of_facts(ckpt)), logits, ok
 
 
 def given_examples(y, k, count=MISTAKES, seed=0):
@@ -230,13 +231,17 @@ def settings_list(pairs):
     return f'<ul id="settings">{items}</ul>'
 
 
+def p_text(p):
+    return "n/a" if p is None or math.isnan(p) else f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
+
+
 def verdict_section(found, source):
     """The page's first words: which attributes were learnt, with the numbers that say how sure that is."""
     rows = []
     for v in found:
         interval = f"{num(v['lift'])} [{num(v['lift_low'])}, {num(v['lift_high'])}]"
         rows.append([esc(v["attribute"]), "yes" if v["learnt"] else "<b>NO</b>", num(v["auc"]),
-                     esc(f"{v['p_adjusted']:.1e}" if v["p_adjusted"] < 1e-3 else f"{v['p_adjusted']:.3f}"), interval])
+                     p_text(v["p_adjusted"]), interval])
     missed = [v["attribute"] for v in found if not v["learnt"]]
     advice = ("<p><b>Not learnt: " + esc(", ".join(missed)) + ".</b> On images the model never saw it ranks them no "
               "better than chance: their probabilities are the prevalence, their answers the majority's, and the "
@@ -357,14 +362,15 @@ def make_report(args):
         if targets.shape[1] != len(attributes):
             raise UserError(f"{args.labels}: {targets.shape[1]} attributes, but {args.model} predicts "
                             f"{len(attributes)}")
-        scores, ok = validation_scores(model, ckpt, paths, targets, args=args, device=device, report=report)
+        scores, logits, ok = validation_scores(model, ckpt, paths, targets, args=args, device=device, report=report)
         names = [n for n, good in zip(table_.names, ok) if good]
         paths = [p for p, good in zip(paths, ok) if good]
         y = targets.numpy()[ok]
         audit = (None, [], np.zeros((0, len(attributes)), dtype=np.int8))
     result = attribute_metrics(scores, y, ckpt["thresholds"], attributes)
-    # The run's verdicts where the report shows its out-of-fold predictions; on a validation split, the test on it.
-    found = oof.verdicts if oof is not None else verdicts(scores, y, attributes)
+    # The run's verdicts where the report shows its out-of-fold predictions; else the test on the rows shown, on the
+    # model's own ranking (its logits: train.py's validation verdict on the same rows, the same numbers).
+    found = oof.verdicts if oof is not None else verdicts(logits, y, attributes)
     learnt = [v["learnt"] for v in found]
     shown = Shown()
     mistakes = [[(names[i], int(y[i, k]), float(scores[i, k]), shown.add(paths[i], k))

@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--second-backbone", help="also the run's recipe on this backbone's features concatenated")
     p.add_argument("--cache-dir", default=train.CACHE_DIR)
     p.add_argument("--seed", type=int, default=train.SEED)
+    p.add_argument("--epoch-rule", default=train.EPOCH_RULE, help="train.py's --epoch-rule for the run's recipe")
     return p.parse_args(argv)
 
 
@@ -101,9 +102,9 @@ def cross_validations(features, y, args, *, max_repeats, seed):
             assert engine.out_of_fold(batches, index, targets, args=args, feature_dim=features.shape[-1],
                                       device=torch.device("cpu"), state=state)
         done = engine.OutOfFold(folds=state.folds[:, :r], scores=state.scores[:r], done=state.done[:r * args.folds])
-        cv = engine.finish_out_of_fold(done, index, targets, attributes=[str(k) for k in
-                                                                                    range(y.shape[1])],
-                                       thresholds="0.5")
+        cv = engine.finish_out_of_fold(done, index, targets, attributes=[str(k) for k in range(y.shape[1])],
+                                       thresholds="0.5", loss_fn=engine.make_loss_for(args, targets),
+                                       rule=args.epoch_rule)
         results[r] = (cv.probabilities, time.perf_counter() - started, cv.epochs)
     return results
 
@@ -124,7 +125,7 @@ def main(argv=None):
         features["both"] = np.concatenate([features[args.backbone], features[args.second_backbone]], -1)
     print(f"features  {', '.join(f'{k} {v.shape[-1]}' for k, v in features.items())} ({time.perf_counter() - started:.0f}s)",
           flush=True)
-    run = train.parse_args([])  # train.py's defaults: the run's own recipe
+    run = train.parse_args(["--epoch-rule", args.epoch_rule])  # train.py's defaults: the run's own recipe
     before = train.parse_args(["--head", "linear", "--no-tta", "--epochs", "30", "--folds", "5"])
     x = features[args.backbone]
     view0 = np.stack([x[:, 0], x[:, 0]], 1)  # the old audit: the image as is, never mirrored

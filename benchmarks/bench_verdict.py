@@ -8,6 +8,7 @@ the verdict, the calibration, the final head) on realdev's train part, its label
   signal   the labels as given, seeds 0 1 2; scored once on realdev/test through the checkpoint alone
   perm     the label rows permuted across the images (the right answer: nothing learnt), 20 permutations
   weak q   a share q of every attribute's known cells replaced by random draws at the attribute's prevalence
+  rows N   N of the rows drawn at random (what fewer labelled images give; train.py's advice cites it)
 For each: the verdict and AP - prevalence per attribute, the out-of-fold log-loss against the prevalence's (the
 calibration target: at most the prevalence's + 0.01), the expected calibration error, the epochs chosen, and what
 audit.py would act on (suspects ranked, NA cells filled at its 0.9).
@@ -40,10 +41,11 @@ REALDEV = os.path.join(os.path.dirname(ROOT), "shared", "realdev")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=REALDEV)
-    p.add_argument("--parts", default="signal,perm,weak")
+    p.add_argument("--parts", default="signal,perm,weak,rows")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--permutations", type=int, default=20)
     p.add_argument("--shares", default="0.5,0.8,0.9,0.95")
+    p.add_argument("--rows", default="150,300", help="the rows part's sizes")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "bench_quality_cache"))
     p.add_argument("--flags", default="", help="extra train.py flags, e.g. '--epoch-rule map'")
     return p.parse_args(argv)
@@ -62,6 +64,9 @@ def damaged(labels, kind, seed, share=0.0):
     rng = np.random.default_rng(seed)
     if kind == "perm":
         rows = [rows[i] for i in rng.permutation(len(rows))]
+    elif kind == "rows":
+        keep = np.sort(rng.choice(len(rows), int(share), replace=False))
+        names, rows = [names[i] for i in keep], [rows[i] for i in keep]
     elif kind == "weak":
         values = np.array(rows)
         for k in range(values.shape[1]):
@@ -82,6 +87,7 @@ def one_run(labels, images, out, args, seed):
         if train.main(argv) != 0:
             raise SystemExit(said.getvalue()[-2000:])
     seconds = time.time() - started
+    judging = float(said.getvalue().split("the epoch rule, the verdicts and the calibration: ")[1].split("s)")[0])
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     oof = read_oof(os.path.join(out, "oof.npz"))
     y, p = np.asarray(oof.targets), np.asarray(oof.probabilities)
@@ -100,8 +106,9 @@ def one_run(labels, images, out, args, seed):
     rows = metrics["validation"]["attributes"]
     return {"learnt": [r["learnt"] for r in rows], "p": [r["p_adjusted"] for r in rows],
             "lift": [r["lift"] for r in rows], "epochs": metrics["cross_validation"]["epochs"],
-            "calibration": calibration, "suspects": suspects, "filled": filled, "seconds": seconds,
-            "map": metrics["validation"]["map"], "f1": metrics["validation"]["macro_f1"]}
+            "calibration": calibration, "suspects": suspects, "filled": filled, "seconds": seconds, "judging": judging,
+            "map": metrics["validation"]["map"], "f1": metrics["validation"]["macro_f1"],
+            "ap": [r["ap"] for r in rows]}
 
 
 def line(name, r):
@@ -133,10 +140,12 @@ def main(argv=None):
                 test = attribute_metrics(scores, y, ckpt["thresholds"], ckpt["attributes"])
                 r["test"] = (test["map"], test["macro_f1"])
                 results.setdefault("signal", []).append(r)
-                print(line(f"signal s{seed}", r) + f"  test mAP {test['map']:.4f} F1 {test['macro_f1']:.4f}",
+                print(line(f"signal s{seed}", r) + f"  test mAP {test['map']:.4f} F1 {test['macro_f1']:.4f}"
+                      f"  oof AP {' '.join(f'{a:.3f}' for a in r['ap'])}",
                       flush=True)
         for kind, settings in (("perm", [(s, 0.0) for s in range(args.permutations)] if "perm" in parts else []),
-                               ("weak", [(0, float(q)) for q in args.shares.split(",")] if "weak" in parts else [])):
+                               ("weak", [(0, float(q)) for q in args.shares.split(",")] if "weak" in parts else []),
+                               ("rows", [(0, int(n)) for n in args.rows.split(",")] if "rows" in parts else [])):
             for seed, share in settings:
                 out = os.path.join(folder, f"{kind}{seed}_{share}")
                 os.makedirs(out)
@@ -144,7 +153,9 @@ def main(argv=None):
                 write_labels_text(labels, *damaged(train_labels, kind, 1000 + seed, share))
                 r = one_run(labels, images, out, args, 0)
                 results.setdefault(kind, []).append(r)
-                print(line(f"{kind} {seed}" if kind == "perm" else f"weak q={share}", r), flush=True)
+                name = {"perm": f"perm {seed}", "weak": f"weak q={share}", "rows": f"rows {share}"}[kind]
+                print(line(name, r) + (f"  oof AP {' '.join(f'{a:.3f}' for a in r['ap'])}" if kind == "rows" else ""),
+                      flush=True)
     print()
     if "signal" in results:
         s = results["signal"]
@@ -157,6 +168,10 @@ def main(argv=None):
         print(f"no signal: {called} of {4 * len(s)} (attribute, permutation) pairs called learnt ({called / (4 * len(s)):.1%}, "
               f"target <= 5%); suspects listed of attributes not learnt: 0 by construction; runs with any suspect "
               f"or fill: {sum(1 for r in s if r['suspects'] or r['filled'])} (only where an attribute was called learnt)")
+    runs = [r for part in results.values() for r in part]
+    print(f"cost: the epoch rule, the verdicts and the calibration took {statistics.mean(r['judging'] for r in runs):.2f}s "
+          f"of a {statistics.mean(r['seconds'] for r in runs):.1f}s run on average "
+          f"({statistics.mean(r['judging'] / r['seconds'] for r in runs):.1%}; target <= 10%)")
     every = [c for part in results.values() for r in part for c in r["calibration"]]
     worst = max(a - b for a, b, _ in every)
     print(f"calibration: the largest out-of-fold log-loss minus the prevalence's over every run and attribute: "

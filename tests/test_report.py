@@ -94,6 +94,28 @@ def test_the_page_holds_the_numbers_of_metrics_json_and_names_why_an_attribute_h
     assert attr4[0] == "Attr4" and attr4[3].startswith("n/a (no known positives")
 
 
+def test_the_page_opens_with_the_runs_verdicts_and_shows_no_mistakes_of_an_attribute_not_learnt(trained):
+    """The verdict table is the run's (metrics.json: the same rows, the same p-values), above everything else; an
+    attribute not learnt (here Attr4, which has no positive at all, and whatever 2 epochs on a random backbone did
+    not learn) shows given positives beside given negatives, no "mistakes"."""
+    text = (trained / "report.html").read_text(encoding="utf-8")
+    metrics = json.load(open(trained / "metrics.json"))["validation"]["attributes"]
+    rows = parsed(trained).tables["verdicts"][1:]
+    assert [r[0] for r in rows] == [m["attribute"] for m in metrics]
+    assert [r[1] == "yes" for r in rows] == [m["learnt"] for m in metrics]
+    for r, m in zip(rows, metrics):
+        if m["p_adjusted"] is not None:
+            assert float(r[3]) == pytest.approx(m["p_adjusted"], rel=1e-2, abs=1e-3)
+    assert text.index('id="verdict"') < text.index("<h2>Run</h2>")
+    assert metrics[3]["learnt"] is False
+    for m in metrics:
+        heading = f"<h3>{m['attribute']}: not learnt, no mistakes shown</h3>"
+        assert (heading in text) == (not m["learnt"])
+    attr4 = text.split("<h3>Attr4: not learnt, no mistakes shown</h3>")[1].split("<h3>")[0]
+    shown = min(report.MISTAKES, metrics[3]["negatives"])  # the validation rows' known negatives, at most 6
+    assert "Given positives:</p><p>none</p>" in attr4 and attr4.count("given 0") == shown > 0
+
+
 def test_the_page_is_self_contained_escapes_names_and_lists_the_unreadable_image(trained):
     text = (trained / "report.html").read_text(encoding="utf-8")
     assert "<script" not in text and not re.search(r"(src|href)=\"(?!data:)", text)  # no network, no scripts

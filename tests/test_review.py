@@ -28,15 +28,15 @@ N, K = 10, 4
 # The server with its AuditData replaced by the JSON file argv[1] (the audit itself is tested in
 # test_review_py_builds_its_queue_from_the_audit_of_the_labels).
 CHILD = """
-import json, sys, types
+import json, sys
 import numpy as np
-import review
+import audit, review
 with open(sys.argv[1]) as f:
     d = json.load(f)
 d["targets"] = np.array(d["targets"], dtype=np.int8)
 d["probabilities"] = np.array(d["probabilities"], dtype=np.float32)
 d["score"] = np.array([[np.nan if v is None else v for v in row] for row in d["score"]])
-review.load_audit = lambda args: types.SimpleNamespace(**d)
+review.load_audit = lambda args: audit.AuditData(**d)
 sys.exit(review.main(sys.argv[2:]))
 """
 
@@ -80,7 +80,8 @@ def make_data(folder, model=None):
     data = {"labels": labels, "attributes": list(table.attributes), "names": [table.names[i] for i in keep],
             "paths": [os.path.join(images, table.names[i]) for i in keep], "targets": targets.tolist(),
             "probabilities": p.tolist(), "score": [[None if np.isnan(v) else float(v) for v in r] for r in score],
-            "source": "generated for the tests", "model": model, "labels_sha256": engine.file_sha256(labels)}
+            "source": "generated for the tests", "model": model, "labels_sha256": engine.file_sha256(labels),
+            "verdicts": [{"attribute": a, "learnt": True, "p_adjusted": 1e-6} for a in table.attributes]}
     path = os.path.join(folder, "audit.json")
     with open(path, "w") as f:
         json.dump(data, f)
@@ -469,15 +470,24 @@ def test_kill_9_between_two_acknowledged_decisions_loses_neither(tmp_path):
 
 def test_review_py_builds_its_queue_from_the_audit_of_the_labels(tiny_set, tmp_path):
     labels, images = tiny_set
-    server = Server(str(tmp_path), "--labels", labels, "--images", images, "--backbone", "mobilenet_v3_large",
-                    "--weights", "none", "--image-size", "64", "--num-workers", "0", "--batch-size", "8",
-                    "--folds", "3", "--epochs", "2", "--no-tta", "--cache-dir", str(tmp_path / "cache"),
+    # Lite0's ImageNet features (offline), fp32: on these 24 images Attr1-3 are learnt, Attr4 (2 positives) not.
+    server = Server(str(tmp_path), "--labels", labels, "--images", images, "--backbone", "efficientnet_lite0",
+                    "--image-size", "64", "--num-workers", "0", "--batch-size", "8", "--amp", "off",
+                    "--folds", "3", "--epochs", "5", "--no-tta", "--cache-dir", str(tmp_path / "cache"),
                     "--model", str(tmp_path / "no_model.pth"))
     try:
         state = server.get("/api/state").json()
         table = parse_labels(labels)
-        assert state["queue"] == table.targets.size and state["na"] == int((table.targets < 0).sum())
+        run = os.path.join(os.path.dirname(labels), "review_run")
+        learnt = engine.read_oof(os.path.join(run, "oof.npz")).learnt
+        assert learnt.any() and not learnt.all()
+        # The queue holds the cells of the attributes learnt; the others are left out and the page says why.
+        audited = table.targets[:, learnt]
+        assert state["queue"] == audited.size and state["na"] == int((audited < 0).sum())
+        left = [a for a, ok in zip(table.attributes, learnt) if not ok]
+        assert state["not_learnt"] == left and all(a in state["not_learnt_message"] for a in left)
         items = server.get("/api/queue", limit=500).json()["items"]
+        assert {it["attribute"] for it in items} == {a for a, ok in zip(table.attributes, learnt) if ok}
         known = [it for it in items if it["kind"] == "known"]
         for it in known:  # the audit's score: 1 - the out-of-fold probability of the given label
             p = it["probability"]
@@ -485,7 +495,6 @@ def test_review_py_builds_its_queue_from_the_audit_of_the_labels(tiny_set, tmp_p
         assert [it["score"] for it in known] == sorted((it["score"] for it in known), reverse=True)
         assert items[len(known):] == [it for it in items if it["kind"] == "na"]
         # The run it made is kept beside the database: its model draws the Grad-CAMs.
-        run = os.path.join(os.path.dirname(labels), "review_run")
         assert os.path.isfile(os.path.join(run, "model.pth")) and os.path.isfile(os.path.join(run, "oof.npz"))
         assert state["gradcam"]
         r = server.get("/api/gradcam/0/0")

@@ -40,12 +40,15 @@ class Server(ServerProcess):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """An EfficientNet-Lite0 checkpoint with ImageNet features (offline; its outputs differ between images) at
-    64 px, and its export: {"pth", "onnx", "root"}."""
+    64 px, calibrated, Attr3 not learnt (its probability the constant 0.2), and its export: {"pth", "onnx",
+    "root"}."""
     import export
     from conftest import write_checkpoint
 
     root = tmp_path_factory.mktemp("serve")
-    pth = write_checkpoint(root / "model.pth", "efficientnet_lite0", image_size=64, weights="imagenet")
+    pth = write_checkpoint(root / "model.pth", "efficientnet_lite0", image_size=64, weights="imagenet",
+                           calibration={"slope": [0.8, 1.2, 0.0, 1.0], "intercept": [0.1, -0.2, -1.3862944, 0.0]},
+                           learnt=[True, True, False, True], p_values=[1e-8, 1e-5, 0.7, 1e-3])
     with contextlib.redirect_stdout(io.StringIO()):
         assert export.main([pth, "--check-images", "2"]) == 0
     return {"pth": pth, "onnx": str(root / "model.onnx"), "root": str(root)}
@@ -110,6 +113,18 @@ def test_predict_gives_inference_json_per_image_in_order(models, onnx_server, pt
         assert_same(g, expected[g["image"]])
     presents = {tuple(g["present"]) for g in got}
     assert len(presents) > 1  # the images differ in what is present: agreement means something
+
+
+def test_predict_says_which_attributes_were_learnt_and_the_server_warns_once(models, onnx_server, pth_server):
+    for server, model in ((onnx_server, models["onnx"]), (pth_server, models["pth"])):
+        (record,) = post(server, [("a.jpg", read(SAMPLE[0]))]).json()
+        assert record["learnt"] == {"Attr1": True, "Attr2": True, "Attr3": False, "Attr4": True}
+        assert record["probabilities"]["Attr3"] == pytest.approx(0.2, abs=1e-6)
+        assert httpx.get(server.url + "/model", headers=AUTH, timeout=10).json()["learnt"]["Attr3"] is False
+        warnings = [line for line in server.log().splitlines() if line.startswith("warning:")]
+        assert warnings == [f"warning: {model}: Attr3 was not learnt (no better than chance on images the model "
+                            "never saw): its probability is the prevalence of the training labels and the answer "
+                            "the majority's, whatever the image"]
 
 
 def test_a_raw_image_body_gives_a_list_of_one(models, onnx_server):

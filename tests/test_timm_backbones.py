@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import explain
+import calibration
 import export
 import inference
 import model
@@ -105,8 +106,10 @@ def test_weights_file_cached_epoch_inference_and_onnx(arch, small_set, tmp_path)
     onnx_model = OnnxModel(str(tmp_path / "model.onnx"), device="cpu")
     assert onnx_model.facts["backbone"] == f"timm:{arch}"
     with torch.inference_mode():
-        probabilities = torch.sigmoid(rebuilt(x)).numpy()
-    np.testing.assert_allclose(onnx_model(x.numpy()), probabilities, atol=1e-4)
+        logits = rebuilt(x).numpy()
+    # Both calibrated by the model's calibration (the metadata carries it): the same probabilities.
+    np.testing.assert_allclose(onnx_model(x.numpy()), calibration.apply(logits, calibration.of_facts(ckpt)), atol=1e-4)
+    np.testing.assert_allclose(onnx_model.logits(x.numpy()), logits, atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
