@@ -271,17 +271,21 @@ class _Rows:
 
     def add(self, number, scan):
         k = len(self.attributes)
-        if not len(scan.starts):
+        if not len(scan.starts) and not scan.other:
             return
         ascii_width = scan.width.copy()
         ascii_width[list(scan.other)] = 0  # lines that are not plain ASCII come as Python fields instead
         full = np.flatnonzero(ascii_width == k + 1)
-        values, bad = _cells(scan, full, k)
         rank = np.full(len(scan.width), -1)
         rank[full] = np.arange(len(full))
+        if len(scan.starts):
+            values, bad = _cells(scan, full, k)
+            name_start = scan.starts[np.minimum(scan.first, len(scan.starts) - 1)].tolist()
+            name_end = (scan.starts[np.minimum(scan.first + 1, len(scan.starts) - 1)]).tolist()
+        else:  # only lines that take the Python path (a lone control byte, say): no ASCII token to look at
+            values, bad = np.zeros((0, k), dtype=np.int8), np.zeros((0, k), dtype=bool)
+            name_start = name_end = [0] * len(scan.width)
         rank, has_bad = rank.tolist(), bad.any(1).tolist()
-        name_start = scan.starts[np.minimum(scan.first, len(scan.starts) - 1)].tolist()
-        name_end = (scan.starts[np.minimum(scan.first + 1, len(scan.starts) - 1)]).tolist()
         width, keep, odd = scan.width.tolist(), [], {}
         for i in np.flatnonzero(scan.width).tolist():
             line = number + i
