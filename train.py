@@ -27,8 +27,8 @@ import torch
 
 import distributed
 from data_loader import FeatureBatches, ImageBatches, split_indices
-from dataset import (eval_transform, format_counts, label_counts, load_dataset, load_image, train_transform,
-                     write_labels)
+from dataset import (add_label_flags, eval_transform, format_counts, label_counts, label_options, load_dataset,
+                     load_image, train_transform, write_labels)
 from engine import (CrossValidation, OutOfFold, evaluate, finish_out_of_fold, image_forward, make_loss_for,
                     make_optimizer, out_of_fold, pick_thresholds, schedule, start_out_of_fold, train_one_epoch,
                     write_oof)
@@ -99,6 +99,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--labels", default=LABELS, help="labels file")
     p.add_argument("--images", default=IMAGES, help="images folder")
+    add_label_flags(p)
     p.add_argument("--out", default=OUT, help="best checkpoint path")
     p.add_argument("--curve", default=CURVE, help="loss curve image path")
     p.add_argument("--backbone", default=BACKBONE, type=backbone_arg,
@@ -222,7 +223,7 @@ def plain_config(args):
 def load_data(args, report, *, val_fraction):
     """Labels, split and class balance; returns (table, paths, targets, train_idx, val_idx, pos_weight, the lines
     to log)."""
-    table, paths, targets = load_dataset(args.labels, args.images, report)
+    table, paths, targets = load_dataset(args.labels, args.images, report, options=label_options(args))
     train_idx, val_idx = split_indices(targets, val_fraction, args.seed)
     pos_weight, problems = pos_weights(targets[train_idx])
     for k, message in problems.items():

@@ -2,11 +2,14 @@
 written back by every writer as it was read, and a file that is mostly not understood refused in one line."""
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import labels
+from conftest import FAST, ROOT
 from dataset import NA, LabelOptions, parse_labels, rewrite_labels, write_labels
 from utils import Report, UserError
 
@@ -231,6 +234,53 @@ def test_many_warnings_are_one_line_per_kind_and_attribute_with_full_counts(tmp_
     assert int((table.targets[:, 2] == NA).sum()) == 100 and int((table.targets[:, 3] == NA).sum()) == 75
 
 
+# ---- the mostly unreadable file, end to end: one error line, before any training ----
+
+def test_mostly_unreadable_file_is_one_error_line_from_train(tiny_set, tmp_path):
+    labels_path, images = tiny_set
+    names = [line.split()[0] for line in open(labels_path)]
+    rows = "".join(f"{n} " + " ".join("-1" if (i + k) % 3 else "1" for k in range(8)) + "\n"
+                   for i, n in enumerate(names))
+    celeba = write(tmp_path, "list_attr.txt", f"{len(names)}\n" + " ".join(f"A{k}" for k in range(8)) + "\n" + rows)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *FAST, "--labels", celeba, "--images",
+                           images, "--epochs", "1", "--image-size", "32", "--values", "01",
+                           "--out", str(tmp_path / "m.pth"), "--cache-dir", str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = done.stderr.splitlines()
+    bad = sum(1 for i in range(len(names)) for k in range(8) if (i + k) % 3)
+    assert line == (f"error: {celeba}: read as table (count line, header) with values 1, 0 or NA (--values 01), "
+                    f"{bad} of {8 * len(names)} value cells ({bad / (8 * len(names)):.0%}) cannot be read, the first "
+                    f"on line 3: A1 '-1'; --values pm1 reads them")
+    assert not os.path.exists(tmp_path / "m.pth")
+
+
+def test_train_reads_a_csv_with_its_flags_and_writes_val_labels_that_read_back(tiny_set, tmp_path):
+    """A CSV whose attribute names have spaces and commas: train.py reads it (the flags are plain values in the
+    checkpoint's config), and val_labels.txt, which the table format cannot hold, is a csv that reads back."""
+    labels_path, images = tiny_set
+    given = parse_labels(labels_path, Report(stream=io.StringIO(), info_stream=io.StringIO()))
+    names = ["long sleeves", "dark, colour", "patterned", "logo"]
+    text = "file," + ",".join(f'"{n}"' if "," in n else n for n in names) + "\n" + "".join(
+        n + "," + ",".join("" if v < 0 else str(v) for v in row) + "\n"
+        for n, row in zip(given.names, given.targets.tolist()))
+    path = write(tmp_path, "attrs.csv", text)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *FAST, "--labels", path, "--images",
+                           images, "--epochs", "1", "--image-size", "32", "--label-format", "csv",
+                           "--out", str(tmp_path / "m.pth"), "--curve", str(tmp_path / "c.png"),
+                           "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[0] == ("labels: attrs.csv read as csv (image column file), 24 rows x 4 "
+                                           "attributes, values 1/0, " f"{int((given.targets < 0).sum())} NA")
+    import torch
+    ckpt = torch.load(tmp_path / "m.pth", weights_only=True)
+    assert ckpt["attributes"] == names and ckpt["config"]["label_format"] == "csv"
+    val = parse_labels(str(tmp_path / "val_labels.txt"), Report(stream=io.StringIO(), info_stream=io.StringIO()))
+    assert val.format.kind == "csv" and val.attributes == names and len(val.names) == 5
+    row = {n: r for n, r in zip(given.names, given.targets.tolist())}
+    assert val.targets.tolist() == [row[n] for n in val.names]
+
+
 # ---- written back as read ----
 
 def files(tmp_path):
@@ -361,3 +411,29 @@ def test_label_flags_are_plain_values_and_pass_on_to_train():
     assert labels.label_options(vars(args)) == options  # a checkpoint's config dict
 
 
+def test_audit_writes_its_suggestions_in_the_format_of_the_labels(tmp_path):
+    import audit
+
+    path, _ = files(tmp_path)["csv"]
+    table = read(path)[0]
+    data = audit.AuditData(labels=path, attributes=table.attributes, names=list(table.names), paths=[],
+                           targets=table.targets, probabilities=np.array([[0.95, 0.5], [0.5, 0.02]]),
+                           score=np.zeros((2, 2)), source="", model=None, labels_sha256="")
+    out = str(tmp_path / "labels_suggested.txt")
+    assert audit.write_suggested(out, data, confident=0.9, source=path) == 2
+    text = open(out).read().splitlines()
+    assert text[0].startswith("# attrs.csv with 2 NA cells filled") and text[1:] == ['id,"B, b",a', "x.jpg,1,1",
+                                                                                     "y z.jpg,0,0"]
+    assert read(out)[0].targets.tolist() == [[1, 1], [0, 0]]
+
+
+def test_review_export_of_a_csv_stays_a_csv(tmp_path):
+    import review
+
+    path, _ = files(tmp_path)["csv"]
+    ledger = review.Ledger(str(tmp_path / "review.sqlite"))
+    ledger.decide("x.jpg", "B, b", "1", "ana", given="NA")
+    text, what = review.reviewed_labels(path, ledger)
+    ledger.close()
+    assert what["counts"] == {"changed": 0, "na_filled": 1, "kept": 0}
+    assert text.decode().splitlines()[1:] == ['id,"B, b",a', "x.jpg,1,1", "y z.jpg,0,"]
