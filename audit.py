@@ -22,6 +22,7 @@ only read.
 """
 import argparse
 import csv
+import io
 import os
 import subprocess
 import sys
@@ -30,9 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dataset import write_labels
+from dataset import add_label_flags, label_argv, label_options, parse_labels, write_labels
 from engine import oof_mismatch, read_oof
-from utils import UserError, atomic_write, check_writable, log, run_cli
+from utils import Report, UserError, atomic_write, check_writable, log, run_cli
 
 CONFIDENT = 0.9  # an NA cell is filled with 1 at an out-of-fold probability >= this, with 0 at <= 1 - this
 AUDIT_COLUMNS = ("image", "attribute", "given", "suggested", "probability", "score")
@@ -47,6 +48,7 @@ def parse_args(argv=None):
                "predictions must be computed.")
     p.add_argument("--labels", default="labels.txt", help="labels file (read only)")
     p.add_argument("--images", default="images", help="images folder")
+    add_label_flags(p)
     p.add_argument("--model", default="model.pth", help="the run whose oof.npz (beside it) is read when it matches")
     p.add_argument("--out", default=".", help="folder for label_audit.csv and labels_suggested.txt")
     p.add_argument("--confident", type=float, default=CONFIDENT, help="probability that fills an NA cell")
@@ -251,14 +253,17 @@ def write_audit_csv(path, rows, *, not_audited=""):
     atomic_write(path, write)
 
 
-def write_suggested(path, data, *, confident, source):
+def write_suggested(path, data, *, confident, source, options=None):
+    """labels_suggested.txt, in the format of the labels file (options: how it was read)."""
     filled = suggested_targets(data.targets, data.probabilities, confident, data.learnt)
     count = int((np.asarray(data.targets) < 0).sum() - (filled < 0).sum())
     left = data.not_audited()
     comment = (f"# {os.path.basename(source)} with {count} NA cells filled by audit.py: 1 where the out-of-fold "
                f"probability is >= {confident}, 0 where it is <= {1 - confident:.2f}; the other NA cells stay NA"
                + (f"; not filled, not learnt (no better than chance): {left}" if left else ""))
-    write_labels(path, data.attributes, data.names, filled, comment=comment)
+    quiet = Report(stream=io.StringIO(), info_stream=io.StringIO())  # said when the labels were read for the run
+    write_labels(path, data.attributes, data.names, filled, comment=comment,
+                 fmt=parse_labels(data.labels, quiet, options=options).format)
     return count
 
 
@@ -272,13 +277,15 @@ def run(args):
     if not 0.5 < args.confident <= 1:
         raise UserError(f"--confident {args.confident} must be in (0.5, 1]")
     check_writable(list(outputs.values()))
+    options = label_options(args)
+    args.train_flags = [*args.train_flags, *label_argv(options)]  # train.py reads the labels as this script does
     refuse_without_oof(args.train_flags)
     check_train_flags(args.train_flags)
     data = audit_data(args.labels, args.images, model=args.model, train_flags=args.train_flags)
     rows = audit_rows(data.names, data.attributes, data.targets, data.probabilities, data.score, data.learnt)
     left = data.not_audited()
     write_audit_csv(outputs["csv"], rows, not_audited=left)
-    filled = write_suggested(outputs["labels"], data, confident=args.confident, source=args.labels)
+    filled = write_suggested(outputs["labels"], data, confident=args.confident, source=args.labels, options=options)
     log(f"audit of {args.labels} from {data.source}")
     if left:
         log(f"not audited: {left}: not learnt (no better than chance out of fold), so the model has no suspect "

@@ -16,7 +16,7 @@ import torch
 
 import distributed
 from data_loader import ImageBatches
-from dataset import eval_transform, load_dataset
+from dataset import add_label_flags, eval_transform, label_options, load_dataset
 from inference import KEEP_FREED_MEMORY, NUM_WORKERS
 import calibration
 from metrics import attribute_metrics, format_table, to_json, verdicts, with_verdicts
@@ -31,6 +31,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a trained model on a labelled set.")
     p.add_argument("--labels", required=True, help="labels file (same format as for training)")
     p.add_argument("--images", required=True, help="images folder")
+    add_label_flags(p)
     p.add_argument("--model", default="model.pth", help="checkpoint written by train.py, or .onnx from export.py")
     p.add_argument("--threshold", type=float, help="one threshold for every attribute (default: the tuned ones)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -61,7 +62,7 @@ def run(args):
     ckpt, forward, device = load(args)
     attributes = ckpt["attributes"]
     report = Report(strict=args.strict)
-    table, paths, targets = load_dataset(args.labels, args.images, report)
+    table, paths, targets = load_dataset(args.labels, args.images, report, options=label_options(args))
     if len(table.attributes) != len(attributes):
         raise UserError(f"{args.labels}: {len(table.attributes)} attributes, but {args.model} predicts "
                         f"{len(attributes)} ({', '.join(attributes)})")

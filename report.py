@@ -27,7 +27,7 @@ import torch
 
 from audit import audit_rows, label_quality
 from data_loader import FeatureBatches
-from dataset import label_counts, load_dataset, load_image
+from dataset import add_label_flags, label_counts, label_options, load_dataset, load_image
 from engine import evaluate, oof_mismatch, read_oof
 import calibration
 from metrics import NO_POSITIVES, attribute_metrics, verdict_line, verdicts
@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--labels", help="labelled set to report on (default: a cross-validated run's own labels file, "
                                     "else the val_labels.txt beside --model)")
     p.add_argument("--images", help="images folder (default: the run's)")
+    add_label_flags(p)
     p.add_argument("--out", default="report.html", help="the HTML file")
     p.add_argument("--oof", default="auto", help="the run's out-of-fold predictions: auto (oof.npz beside --model, "
                                                  "when made from --labels) | PATH | none")
@@ -358,7 +359,7 @@ def make_report(args):
                  f"cross-validations at epoch {oof.epochs}"
         audit = (source, names, y)
     else:  # a validation split: the model's own scores of its validation rows
-        table_, paths, targets = load_dataset(args.labels, args.images, report)
+        table_, paths, targets = load_dataset(args.labels, args.images, report, options=label_options(args))
         if targets.shape[1] != len(attributes):
             raise UserError(f"{args.labels}: {targets.shape[1]} attributes, but {args.model} predicts "
                             f"{len(attributes)}")

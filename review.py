@@ -43,7 +43,7 @@ from collections import Counter, OrderedDict
 import numpy as np
 
 import web
-from dataset import VALUE_TEXT
+from dataset import VALUE_TEXT, add_label_flags, label_argv, label_options
 from utils import Report, UserError, atomic_write, check_writable, log, run_cli
 from web import Refused, error_response, read_json
 
@@ -77,6 +77,7 @@ def parse_args(argv=None):
                "must be computed, as audit.py does.")
     p.add_argument("--labels", default="labels.txt", help="labels file (only read)")
     p.add_argument("--images", default="images", help="images folder")
+    add_label_flags(p)
     p.add_argument("--db", help=f"the review database (default: {DB_NAME} beside the labels file)")
     p.add_argument("--reviewer", help="the name recorded with each decision (default: the page asks once)")
     p.add_argument("--export", metavar="FILE", help="write the labels with the decisions applied to FILE and exit")
@@ -340,7 +341,7 @@ class Ledger:
 
 # ---- the export ----
 
-def reviewed_labels(labels, ledger):
+def reviewed_labels(labels, ledger, options=None):
     """The labels file's bytes with the decisions that hold applied, and what they did: {counts, conflicts,
     skipped}. Only the lines of changed rows are rewritten; a comment line of counts (and one per conflict: a cell
     two reviewers decided differently, where the latest decision is taken) goes first."""
@@ -348,7 +349,8 @@ def reviewed_labels(labels, ledger):
     from utils import file_sha256
 
     before = file_sha256(labels)
-    table = parse_labels(labels, Report(stream=io.StringIO()))  # the parser's warnings were said when reviewing
+    quiet = Report(stream=io.StringIO(), info_stream=io.StringIO())  # what it said was said when reviewing
+    table = parse_labels(labels, quiet, options=options)
     row_of = {name: i for i, name in enumerate(table.names)}
     column_of = {a: k for k, a in enumerate(table.attributes)}
     targets, counts, conflicts, skipped = table.targets.copy(), Counter(changed=0, na_filled=0, kept=0), [], 0
@@ -388,7 +390,7 @@ def export(args):
     check_writable([args.export])
     ledger = Ledger(args.db, create=False)
     try:
-        text, what = reviewed_labels(args.labels, ledger)
+        text, what = reviewed_labels(args.labels, ledger, label_options(args))
     finally:
         ledger.close()
     atomic_write(args.export, text)
@@ -598,7 +600,7 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
 
     @app.get("/api/export")
     async def get_export():
-        text, what = await run_in_threadpool(reviewed_labels, data.labels, ledger)
+        text, what = await run_in_threadpool(reviewed_labels, data.labels, ledger, label_options(args))
         name = os.path.splitext(os.path.basename(data.labels))[0] + "_reviewed.txt"
         ascii_name = re.sub(r"[^A-Za-z0-9._-]", "_", name)
         return Response(text, media_type="text/plain; charset=utf-8",
@@ -723,6 +725,7 @@ def run(args):
             raise UserError(f"{' '.join(args.train_flags)}: not flags of an export (it reads the labels and the "
                             f"database only)")
         return export(args)
+    args.train_flags = [*args.train_flags, *label_argv(label_options(args))]  # train.py reads the labels as we do
     return serve(args)
 
 

@@ -27,8 +27,8 @@ import torch
 
 import distributed
 from data_loader import FeatureBatches, ImageBatches, split_indices
-from dataset import (eval_transform, format_counts, label_counts, load_dataset, load_image, train_transform,
-                     write_labels)
+from dataset import (add_label_flags, eval_transform, format_counts, label_counts, label_options, load_dataset,
+                     load_image, train_transform, write_labels)
 from engine import (CrossValidation, OutOfFold, evaluate, finish_out_of_fold, image_forward, judge, make_loss_for,
                     make_optimizer, out_of_fold, schedule, start_out_of_fold, train_one_epoch, write_oof)
 from figures import loss_curve_figure, metrics_figure, save_figure
@@ -41,7 +41,8 @@ from utils import (Report, StopFlag, UserError, add_runtime_flags, bf16_is_nativ
                    seed_everything, small_matmuls, write_json)
 
 # ---- hyperparameters (each can be overridden: --name value) ----
-LABELS = "labels.txt"  # labels file: image_name v1 .. vK per line, values 1 / 0 / NA
+LABELS = "labels.txt"  # labels file: image_name v1 .. vK per line, values 1 / 0 / NA; or a csv, a tag list, a long
+#                        file, CelebA's 1/-1 (--label-format, --values: docs/labels.md)
 IMAGES = "images"  # folder the image names are relative to
 OUT = "model.pth"  # best checkpoint; model_last.pth, metrics.json, metrics.png, val_labels.txt go beside it
 CURVE = "loss_curve.png"  # training loss per optimizer step
@@ -102,6 +103,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--labels", default=LABELS, help="labels file")
     p.add_argument("--images", default=IMAGES, help="images folder")
+    add_label_flags(p)
     p.add_argument("--out", default=OUT, help="best checkpoint path")
     p.add_argument("--curve", default=CURVE, help="loss curve image path")
     p.add_argument("--backbone", default=BACKBONE, type=backbone_arg,
@@ -228,7 +230,7 @@ def plain_config(args):
 def load_data(args, report, *, val_fraction):
     """Labels, split and class balance; returns (table, paths, targets, train_idx, val_idx, pos_weight, the lines
     to log)."""
-    table, paths, targets = load_dataset(args.labels, args.images, report)
+    table, paths, targets = load_dataset(args.labels, args.images, report, options=label_options(args))
     train_idx, val_idx = split_indices(targets, val_fraction, args.seed)
     pos_weight, problems = pos_weights(targets[train_idx])
     for k, message in problems.items():
@@ -665,7 +667,7 @@ def write_metrics(job):
         log(f"wrote {outputs['metrics_png']}")
     if len(job.val_idx):
         write_labels(outputs["val_labels"], attributes, [job.table.names[i] for i in job.val_idx],
-                     job.targets[job.val_idx])
+                     job.targets[job.val_idx], fmt=job.table.format)  # as the labels file was written
         log(f"wrote {outputs['val_labels']} (check with: python evaluate.py --labels {outputs['val_labels']} "
             f"--images {args.images} --model {outputs['best']})")
     if job.cv is None and os.path.isfile(outputs["oof"]) and distributed.is_main():

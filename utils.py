@@ -34,19 +34,28 @@ def run_cli(run, args):
 class Report:
     """Collects warnings (printed as they happen, counted by reason); under strict the first one is an error."""
 
-    def __init__(self, strict=False, stream=None):
+    def __init__(self, strict=False, stream=None, info_stream=None):
         self.strict = strict
         self.stream = stream
+        self.info_stream = info_stream
         self.counts = Counter()
         self.messages = []  # kept for the run's summary file: warnings scroll away on a big data set
+        self.infos = []
 
-    def warn(self, reason, message, fatal=True):
-        """fatal=False for problems of our own making (a damaged cache), which --strict does not stop on."""
+    def warn(self, reason, message, fatal=True, count=1):
+        """fatal=False for problems of our own making (a damaged cache), which --strict does not stop on. count: how
+        many problems the one message stands for (a grouped line: `N x bad value (Attr3), the first ...`)."""
         if self.strict and fatal:
             raise UserError(f"{message} (--strict turns warnings into errors)")
-        self.counts[reason] += 1
+        self.counts[reason] += count
         self.messages.append(message)
         print(f"warning: {message}", file=self.stream or sys.stderr)
+
+    def info(self, message):
+        """A line about the input that is no warning (what a labels file was read as): on stderr, before the
+        warnings it explains, so that a script's stdout (its log, --json) is unchanged."""
+        self.infos.append(message)
+        print(message, file=self.info_stream or sys.stderr, flush=True)
 
     @property
     def total(self):

@@ -1,8 +1,11 @@
 """Large label sets: time and peak memory of each stage before the model, at iMaterialist (1M x 228) and
-DeepFashion (289k x 1,000) sizes, for the code as it is and, where cheap, as it was (commit BEFORE).
+DeepFashion (289k x 1,000) sizes, for the code as it is and, where cheap, as it was (commit BEFORE); and the
+formats read through pandas: a 1M x 228 csv and an Open Images-like long file (1M images, ~9 labels each, 600
+attributes: 9M rows).
 
     python benchmarks/bench_scale.py                        # 10k..1M x 4, 228, 1,000 (minutes; 1M rows last)
     python benchmarks/bench_scale.py --sizes 10000x228 100000x228 --before   # also today's code at those sizes
+    python benchmarks/bench_scale.py --sizes --no-figures --csv 1000000x228 --long 1000000x600x10   # the formats
 
 Synthetic labels: K attributes with positive rates 0.5 / k^0.9 (floor 0.07%, iMaterialist's long tail), 10% NA,
 written once into --work (kept between runs), with a folder of hard links to one small JPEG for the end-to-end
@@ -53,10 +56,52 @@ def write_labels_file(path, t):
     os.replace(path + ".tmp", path)
 
 
-def prepare(work, n, k):
+def write_csv_file(path, t):
+    """The targets as a spreadsheet writes them: a header, `image,Attr1,..`, NA as an empty cell."""
+    cells = np.array([b"", b"0", b"1"])
+    with open(path + ".tmp", "wb") as f:
+        f.write(b"image," + b",".join(b"Attr%d" % (j + 1) for j in range(t.shape[1])) + b"\n")
+        for s in range(0, len(t), 20_000):
+            f.write(b"".join(b"img_%07d.jpg," % (s + i) + b",".join(cells[row + 1]) + b"\n"
+                             for i, row in enumerate(t[s:s + 20_000])))
+    os.replace(path + ".tmp", path)
+
+
+def prepare_csv(work, n, k):
+    labels = os.path.join(work, f"labels_{n}x{k}.csv")
+    if not os.path.exists(labels):
+        write_csv_file(labels, synthetic_targets(n, k))
+    return labels
+
+
+def prepare_long(work, n, k, per, seed=0):
+    """Open Images' human-verified labels, in shape: ImageID,Source,LabelName,Confidence, per (image, label) one
+    row, `per` labels drawn an image on average (with the long tail of synthetic_targets; a pair drawn twice is one
+    row), 70% verified present."""
+    labels = os.path.join(work, f"labels_long_{n}x{k}x{per}.csv")
+    if not os.path.exists(labels):
+        rng = np.random.default_rng(seed)
+        weight = np.clip(0.5 / np.arange(1, k + 1) ** 0.9, 0.0007, 0.5)
+        weight /= weight.sum()
+        with open(labels + ".tmp", "wb") as f:
+            f.write(b"ImageID,Source,LabelName,Confidence\n")
+            for s in range(0, n, 50_000):
+                m = min(n - s, 50_000)
+                count = rng.integers(per - 4, per + 5, m)  # per on average
+                image = np.repeat(np.arange(s, s + m), count)
+                label = rng.choice(k, len(image), p=weight)
+                key = np.unique(image.astype(np.int64) * k + label)  # one row per pair, images in order
+                value = (rng.random(len(key)) < 0.7).astype(np.int64)
+                f.write(b"".join(b"img_%07d.jpg,verification,/m/%05d,%d\n" % (i, j, v)
+                                 for i, j, v in zip((key // k).tolist(), (key % k).tolist(), value.tolist())))
+        os.replace(labels + ".tmp", labels)
+    return labels
+
+
+def prepare(work, n, k, images_only=False):
     """labels_{n}x{k}.txt, its targets as .npy, and images/ with at least n hard links to one JPEG."""
     labels = os.path.join(work, f"labels_{n}x{k}.txt")
-    if not os.path.exists(labels):
+    if not images_only and not os.path.exists(labels):
         t = synthetic_targets(n, k)
         np.save(labels + ".npy", t)
         write_labels_file(labels, t)
@@ -131,8 +176,9 @@ def stage_parse(a, before):
     else:
         from dataset import parse_labels
     started, cpu = time.time(), time.process_time()
-    parse_labels(a.labels)
-    return {"seconds": time.time() - started, "cpu": time.process_time() - cpu}
+    table = parse_labels(a.labels)
+    note = {"note": table.format.describe()} if getattr(table, "format", None) else {}
+    return {"seconds": time.time() - started, "cpu": time.process_time() - cpu, **note}
 
 
 def stage_split(a, before):
@@ -219,6 +265,13 @@ def main():
     p.add_argument("--stages", nargs="+", default=["start to first image", "parse", "split"],
                    help="of the label stages: 'start to first image' parse split")
     p.add_argument("--no-figures", action="store_true", help="skip the metrics rows (200k and 1M x 228)")
+    p.add_argument("--csv", nargs="*", default=["1000000x228"], metavar="NxK",
+                   help="csv files (header, empty cells NA) to parse; none: skip")
+    p.add_argument("--long", nargs="*", default=["1000000x600x10"], metavar="NxKxL",
+                   help="long files (N images, K attributes, L label draws an image, a pair drawn twice one row) to "
+                        "parse; none: skip")
+    p.add_argument("--format-stages", nargs="+", default=["parse"],
+                   help="of the label stages, those run on the --csv and --long files")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -233,7 +286,7 @@ def main():
     os.makedirs(a.work, exist_ok=True)
     rows = []
 
-    def add(stage, n, k, labels="", images=""):
+    def add(stage, n, k, labels="", images="", label=None):
         now = run_stage(a, stage, n, k, labels=labels, images=images)
         old = run_stage(a, stage, n, k, True, labels, images) if a.before and n <= a.before_max and \
             stage in ("start to first image", "parse", "split") else {}
@@ -244,7 +297,7 @@ def main():
                     f"{', ' + old['note'] if old.get('note') else ''}"
         elif (n, k) in QUOTED and stage == "start to first image":
             note += QUOTED[(n, k)]
-        rows.append([stage, f"{n:,} x {k:,}", fmt(now["seconds"], ".1f"), fmt(now.get("cpu"), ".1f"),
+        rows.append([label or stage, f"{n:,} x {k:,}", fmt(now["seconds"], ".1f"), fmt(now.get("cpu"), ".1f"),
                      fmt(now["peak_gb"], ".2f"), note.strip("; ")])
         print("  ".join(rows[-1]), flush=True)
 
@@ -255,6 +308,20 @@ def main():
         labels, images = prepare(a.work, n, k)
         for stage in a.stages:
             add(stage, n, k, labels, images)
+    for size in a.csv:
+        n, k = map(int, size.split("x"))
+        labels = prepare_csv(a.work, n, k)
+        images = prepare(a.work, n, 0, images_only=True)[1] if "start to first image" in a.format_stages else ""
+        for stage in a.format_stages:
+            add(stage, n, k, labels, images, label=f"{stage} (csv)")
+    for size in a.long:
+        n, k, per = map(int, size.split("x"))
+        labels = prepare_long(a.work, n, k, per)
+        images = prepare(a.work, n, 0, images_only=True)[1] if "start to first image" in a.format_stages else ""
+        with open(labels, "rb") as f:
+            pairs = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b"")) - 1
+        for stage in a.format_stages:
+            add(stage, n, k, labels, images, label=f"{stage} (long, {pairs:,} rows)")
     if not a.no_figures:
         add("per-epoch metrics", 200_000, 228)
         add("metrics.png", 200_000, 228)
