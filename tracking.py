@@ -1,7 +1,8 @@
-"""A run's log in the trackers the field uses (TensorBoard, MLflow), and a folder per run.
+"""A run's log in the trackers the field uses (TensorBoard, MLflow), a folder per run, and the table of runs.
 
     python train.py --run-dir runs --log tensorboard      # then: tensorboard --logdir runs
     python train.py --name lr3e-4 --lr 3e-4 --log mlflow  # then: mlflow ui (in the same working folder)
+    python report.py --compare runs/*                     # the runs side by side, from their metrics.json
 
 train.py calls in at four points: start() after its setup, RunLog.epoch() after each epoch of the final head,
 RunLog.cross_validation() once the cross-validation has chosen the epochs, RunLog.end() after the outputs are
@@ -403,3 +404,78 @@ def final_metrics(summary):
     values.update({f"final/AP/{r['attribute']}": r.get("ap") for r in tuned.get("attributes", [])})
     return {k: float(v) for k, v in values.items() if v is not None and not math.isnan(v)}
 
+
+# ---- the runs side by side: report.py --compare ----
+
+def compare_runs(paths):
+    """One plain-text table of runs side by side, from their metrics.json (a path: a run's folder or the file):
+    the settings that differ between them, what they were scored on, the out-of-fold (or validation) mAP beside
+    its chance level (the mean prevalence) and macro-F1 at the run's thresholds, each attribute's AP, the time."""
+    runs = []
+    for path in paths:
+        file = os.path.join(path, "metrics.json") if os.path.isdir(path) else path
+        summary = read_json(file)
+        if "history" not in summary:
+            say(f"{path}: no metrics.json of a train.py run there; left out of the table")
+            continue
+        runs.append((os.path.dirname(file) or ".", summary))
+    if not runs:
+        raise UserError("--compare: none of the paths given holds a run's metrics.json (train.py writes one)")
+    configs = [run_config(summary) for _, summary in runs]
+    keys = sorted({k for config in configs for k in config} - NOT_SETTINGS)
+    differ = [k for k in keys if len({json.dumps(config.get(k, "?")) for config in configs}) > 1]
+    attributes = []
+    for _, summary in runs:
+        attributes += [r["attribute"] for r in (summary.get("validation") or {}).get("attributes", [])
+                       if r["attribute"] not in attributes]
+    header = ["run", *differ, "scored on", "epochs", "mAP", "chance", "macroF1", *[f"AP {a}" for a in attributes],
+              "time"]
+    rows = []
+    for (folder, summary), config in zip(runs, configs):
+        tuned = summary.get("validation") or {}
+        ap = {r["attribute"]: r.get("ap") for r in tuned.get("attributes", [])}
+        known = [r["prevalence"] for r in tuned.get("attributes", []) if r.get("ap") is not None]
+        cv = summary.get("cross_validation")
+        scored = f"out-of-fold {cv['repeats']}x{cv['folds']}" if cv else "validation" if tuned else "-"
+        rows.append([folder, *[text(config.get(k, "?")) for k in differ], scored, text(summary.get("best_epoch")),
+                     number(tuned.get("map")), number(sum(known) / len(known) if known else None),
+                     number(tuned.get("macro_f1")), *[number(ap.get(a)) for a in attributes],
+                     duration(summary.get("run", {}).get("seconds"))])
+    lines = table_lines(header, rows, left=1 + len(differ) + 1)
+    if not differ:
+        lines.append("(no setting differs between these runs)")
+    return "\n".join(lines)
+
+
+def run_config(summary):
+    """A run's settings from its metrics.json (before they were written there: the backbone's alone)."""
+    config = (summary.get("run") or {}).get("config")
+    if config:
+        return config
+    backbone = summary.get("backbone") or {}
+    return {"backbone": backbone.get("name"), "image_size": backbone.get("image_size")}
+
+
+def text(value):
+    return "none" if value is None else str(value)
+
+
+def number(value):
+    return "-" if value is None else "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def duration(seconds):
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f}s" if seconds < 60 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def table_lines(header, rows, *, left):
+    """Columns as wide as their widest cell: the first `left` aligned left (names), the rest right (numbers)."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row):
+        return "  ".join(cell.ljust(w) if i < left else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+
+    return [line(header), *map(line, rows)]
