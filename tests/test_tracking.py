@@ -283,8 +283,9 @@ def test_a_tracker_failing_mid_run_is_one_warning_then_nothing(tmp_path, capsys)
 
 
 def test_final_metrics_are_metrics_json_s_numbers_without_the_missing_ones():
-    summary = {"best_epoch": 4, "validation_at_0.5": {"macro_f1": 0.2}, "validation": {
-        "map": 0.5, "macro_f1": 0.25, "attributes": [{"attribute": "x y(1)", "ap": 0.75}, {"attribute": "rare", "ap": None}]}}
+    attributes = [{"attribute": "x y(1)", "ap": 0.75}, {"attribute": "rare", "ap": None}]
+    summary = {"best_epoch": 4, "validation_at_0.5": {"macro_f1": 0.2},
+               "validation": {"map": 0.5, "macro_f1": 0.25, "attributes": attributes}}
     assert tracking.final_metrics(summary) == {"final/mAP": 0.5, "final/macro_F1": 0.25, "final/macro_F1_at_0.5": 0.2,
                                                "final/epoch": 4.0, "final/AP/x y(1)": 0.75}
     assert tracking.metric_name("final/AP/x y(1)") == "final/AP/x y_1_"
