@@ -61,7 +61,7 @@ def run(args):
     check_batch_size(args)
     ckpt, forward, device = load(args)
     attributes = ckpt["attributes"]
-    report = Report(strict=args.strict)
+    report = Report(strict=args.strict, info_stream=sys.stderr if args.json else None)  # stdout: JSON only
     table, paths, targets = load_dataset(args.labels, args.images, report, options=label_options(args))
     if len(table.attributes) != len(attributes):
         raise UserError(f"{args.labels}: {len(table.attributes)} attributes, but {args.model} predicts "

@@ -55,7 +55,7 @@ class Report:
         """A line about the input that is no warning (what a labels file was read as): on stderr, before the
         warnings it explains, so that a script's stdout (its log, --json) is unchanged."""
         self.infos.append(message)
-        print(message, file=self.info_stream or sys.stderr, flush=True)
+        print(message, file=self.info_stream or sys.stdout, flush=True)  # a log line, as log()'s
 
     @property
     def total(self):

@@ -94,9 +94,10 @@ def head(path):
 
 
 def numbers(obj):
-    """Every number of a metrics.json, in order, rounded to 3 decimals (NaN as a string)."""
+    """Every number of a metrics.json, in order, rounded to 3 decimals (NaN as a string); not the warnings, nor the
+    run's settings and seconds (`run`: its output paths and its time differ by construction)."""
     if isinstance(obj, dict):
-        return [x for k in sorted(obj) if k != "warnings" for x in numbers(obj[k])]
+        return [x for k in sorted(obj) if k not in ("warnings", "run") for x in numbers(obj[k])]
     if isinstance(obj, list):
         return [x for v in obj for x in numbers(v)]
     if isinstance(obj, float):

@@ -270,7 +270,7 @@ def test_train_reads_a_csv_with_its_flags_and_writes_val_labels_that_read_back(t
                            "--out", str(tmp_path / "m.pth"), "--curve", str(tmp_path / "c.png"),
                            "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.splitlines()[0] == ("labels: attrs.csv read as csv (image column file), 24 rows x 4 "
+    assert done.stdout.splitlines()[0] == ("labels: attrs.csv read as csv (image column file), 24 rows x 4 "
                                            "attributes, values 1/0, " f"{int((given.targets < 0).sum())} NA")
     import torch
     ckpt = torch.load(tmp_path / "m.pth", weights_only=True)
@@ -418,7 +418,8 @@ def test_audit_writes_its_suggestions_in_the_format_of_the_labels(tmp_path):
     table = read(path)[0]
     data = audit.AuditData(labels=path, attributes=table.attributes, names=list(table.names), paths=[],
                            targets=table.targets, probabilities=np.array([[0.95, 0.5], [0.5, 0.02]]),
-                           score=np.zeros((2, 2)), source="", model=None, labels_sha256="")
+                           score=np.zeros((2, 2)), source="", model=None, labels_sha256="",
+                           verdicts=[{"attribute": a, "learnt": True, "p_adjusted": 0.0} for a in table.attributes])
     out = str(tmp_path / "labels_suggested.txt")
     assert audit.write_suggested(out, data, confident=0.9, source=path) == 2
     text = open(out).read().splitlines()

@@ -22,6 +22,11 @@ from metrics import attribute_metrics
 PRESENT = re.compile(r"^Attributes present: \[('Attr\d'(, 'Attr\d')*)?\]$")
 
 
+def path_line(out):
+    """train.py's `path:` line (the second: the `labels:` line comes first)."""
+    return next(line for line in out.splitlines() if line.startswith("path:"))
+
+
 def train_args(tiny_set, out_dir, *extra, epochs=1):
     labels, images = tiny_set
     return FAST + ["--labels", labels, "--images", images, "--epochs", str(epochs),
@@ -68,7 +73,7 @@ def test_loss_curve_has_one_point_per_step_and_the_required_labels(tiny_set, tmp
 def test_the_full_loop_gives_the_same_number_of_steps(tiny_set, tmp_path, capsys):
     assert train.main(train_args(tiny_set, tmp_path, "--augment", "strong", "--patience", "0", epochs=3)) == 0
     out = capsys.readouterr().out
-    assert out.startswith("path: full loop (--augment strong)")
+    assert path_line(out).startswith("path: full loop (--augment strong)")
     assert "(9 steps)" in out
 
 
@@ -95,7 +100,7 @@ def test_every_option_trains_one_epoch_and_its_checkpoint_predicts(options, tiny
     assert train.main(train_args(tiny_set, tmp_path, *options)) == 0
     out = capsys.readouterr().out
     expected_path = "cached features" if "last" not in options and "strong" not in options else "full loop"
-    assert out.startswith(f"path: {expected_path}")
+    assert path_line(out).startswith(f"path: {expected_path}")
     ckpt = torch.load(tmp_path / "model.pth", weights_only=True)
     assert ckpt["backbone"] == options[1]
     image = os.path.join(tiny_set[1], "img_0003.jpg")
@@ -265,7 +270,7 @@ def test_val_fraction_zero_trains_on_everything_and_keeps_the_last_epoch(tiny_se
 def test_batched_inference_equals_one_image_at_a_time(tiny_set, tmp_path, capsys):
     # Batches go through the backbone with BatchNorm folded into its convs; one image through the model as saved.
     assert train.main(train_args(tiny_set, tmp_path, "--backbone", "resnet50")) == 0
-    assert "(freed memory kept for reuse)" in capsys.readouterr().out.splitlines()[0]
+    assert "(freed memory kept for reuse)" in path_line(capsys.readouterr().out)
     model_path = str(tmp_path / "model.pth")
     images = [os.path.join(tiny_set[1], f"img_000{i}.jpg") for i in (1, 2, 3)]
     assert inference.main([*images, "--model", model_path, "--json", "--num-workers", "0"]) == 0
@@ -278,7 +283,7 @@ def test_batched_inference_equals_one_image_at_a_time(tiny_set, tmp_path, capsys
 
 def test_no_keep_freed_memory_is_said_in_the_first_line(tiny_set, tmp_path, capsys):
     assert train.main(train_args(tiny_set, tmp_path, "--no-keep-freed-memory", "--val-fraction", "0")) == 0
-    first = capsys.readouterr().out.splitlines()[0]
+    first = path_line(capsys.readouterr().out)
     assert first.startswith("path: cached features") and "freed memory" not in first
 
 
@@ -368,7 +373,8 @@ def test_cross_validation_picks_epochs_and_thresholds_out_of_fold_then_trains_on
     args[args.index("--folds") + 1] = "3"
     assert train.main(args) == 0
     out = capsys.readouterr().out
-    assert "path: cached features (3-fold cross-validation x 2)" in out.splitlines()[0]
+    assert out.splitlines()[0].startswith("labels: labels.txt read as table, 24 rows x 4 attributes")
+    assert "path: cached features (3-fold cross-validation x 2)" in path_line(out)
     assert "24 images used (24 train, 0 validation)" in out
     assert re.findall(r"^repeat (\d)/2: 3 heads of 4 epochs, 8-8 rows held out each", out, re.M) == ["1", "2"]
     metrics = json.load(open(tmp_path / "metrics.json"))
