@@ -207,7 +207,7 @@ def record(path, probabilities, error, *, attributes, thresholds, learnt=None):
     present = [a for a, p, t in zip(attributes, probabilities, thresholds) if p >= t]
     result = {"image": path, "present": present,
               "probabilities": {a: round(p, 6) for a, p in zip(attributes, probabilities)},
-              "thresholds": dict(zip(attributes, thresholds))}
+              "thresholds": {a: round(float(t), 6) for a, t in zip(attributes, thresholds)}}
     if learnt is not None:
         result["learnt"] = dict(zip(attributes, map(bool, learnt)))
     return result

@@ -157,6 +157,9 @@ def table(header, rows, table_id):
 
 
 def metrics_table(result):
+    scored = [r for r in result["attributes"] if r["positives"]]
+    chance = float(np.mean([r["prevalence"] for r in scored])) if scored else math.nan
+    majority = float(np.mean([r["majority_f1"] for r in scored])) if scored else math.nan
     rows = []
     for r in result["attributes"]:
         ap = num(r["ap"]) if r["positives"] else f"n/a ({esc(NO_POSITIVES.split(';')[0])})"
@@ -164,7 +167,8 @@ def metrics_table(result):
                      num(r["threshold"]), num(r["f1"]), num(r["precision"]), num(r["recall"]),
                      num(r["majority_f1"])])
     return (table(["attribute", "pos", "neg", "AP", "prev", "thr", "F1", "prec", "recall", "majF1"], rows, "metrics")
-            + f'<p id="summary">mAP {num(result["map"])} &middot; macro-F1 {num(result["macro_f1"])}</p>')
+            + f'<p id="summary">mAP {num(result["map"])} (chance {num(chance)}) &middot; macro-F1 '
+              f'{num(result["macro_f1"])} (majority answer {num(majority)})</p>')
 
 
 def gallery(cards):

@@ -172,7 +172,7 @@ def test_inference_through_torchrun_and_evaluate_equal_one_process(trained, caps
     single = capsys.readouterr().out
     rank0, rank1 = run_ranks("evaluate.py", *flags)
     assert rank0[0] == rank1[0] == 0 and rank1[1] == ""
-    assert rank0[1] == single and rank0[1].startswith("24 images")
+    assert rank0[1] == single and rank0[1].splitlines()[1].startswith("24 images")  # after the labels: line
 
 
 def test_a_bad_labels_file_ends_every_rank_with_one_error_line(tiny_set, tmp_path):
