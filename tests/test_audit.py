@@ -250,3 +250,31 @@ def test_label_audit_csv_is_written_from_the_ranking_in_chunks_all_or_the_top_of
     assert audit.write_audit_csv(path, data, audit.audit_chunks(data, 100)) == 200
     top = read_audit_csv(path)
     assert top[0] is None and top[1] == rows[:100] + rows[known:known + 100]
+
+
+def test_audit_py_writes_the_top_of_each_part_by_default_says_so_and_every_cell_with_all(tmp_path, monkeypatch,
+                                                                                         capsys):
+    y, p, score, learnt = generated()
+    names, attributes = [f"im{i:05d}.jpg" for i in range(len(y))], [f"A{k}" for k in range(y.shape[1])]
+    labels = tmp_path / "labels.txt"
+    write_labels(str(labels), attributes, names, y)
+    data = audit.AuditData(labels=str(labels), attributes=attributes, names=names, paths=[], targets=y,
+                           probabilities=p, score=score, source="generated", model=None, labels_sha256="",
+                           verdicts=[{"attribute": a, "learnt": bool(ok), "p_adjusted": 0.01 if ok else 0.7}
+                                     for a, ok in zip(attributes, learnt)])
+    monkeypatch.setattr(audit, "audit_data", lambda *a, **kw: data)
+    reference = reference_order(y, p, score, learnt)
+    known = int(((y >= 0) & learnt).sum())
+    flags = ["--labels", str(labels), "--out", str(tmp_path)]
+    assert audit.main([*flags, "--top", "40"]) == 0
+    said = capsys.readouterr().out
+    comment, rows = read_audit_csv(tmp_path / "label_audit.csv")
+    assert comment == (f"# not audited, not learnt (no better than chance out of fold): A3 (p 0.70), A17 (p 0.70); "
+                       f"the 40 most suspect of {known:,} known cells and the 40 most confident of "
+                       f"{len(reference) - known:,} NA cells (audit.py --all: every cell)")
+    cells = reference[:40] + reference[known:known + 40]
+    assert [(r["image"], r["attribute"]) for r in rows] == [(names[c // 30], attributes[c % 30]) for c in cells]
+    assert f"(80 of {len(reference)} cells, the most suspect first)" in said and said.count("  suspect: ") == 10
+    assert audit.main([*flags, "--all"]) == 0
+    comment, rows = read_audit_csv(tmp_path / "label_audit.csv")
+    assert comment.endswith("A17 (p 0.70)") and len(rows) == len(reference)
