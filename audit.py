@@ -14,7 +14,7 @@ after a first run). There is no second recipe. Writes, in --out (default: the cu
                            suspect known cells first (score = 1 - cleanlab's label quality), then the NA cells,
                            the most confident suggestion first (they have no score: NA is never wrong); the first
                            --top of each (default 100,000: what a person reads; review.py pages every cell), or
-                           every cell with --all (1M x 228: 228M rows, about 10 GB)
+                           every cell with --all (1M x 228: up to 228M rows, about 10 GB)
     labels_suggested.txt   the labels with NA cells filled where the model is confident (threshold in its header)
 
 An attribute the run did not learn (its verdict: no better than chance out of fold) is not audited: its

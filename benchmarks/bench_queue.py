@@ -43,8 +43,9 @@ y, p, s = (np.load(os.path.join(folder, f + ".npy")) for f in ("targets", "proba
 learnt = np.load(os.path.join(folder, "learnt.npy"))
 attributes = [f"Attr{k + 1}" for k in range(y.shape[1])]
 names = [f"img_{i:07d}.jpg" for i in range(len(y))]
-data = audit.AuditData(labels=os.path.join(folder, "labels.txt"), attributes=attributes, names=names, paths=[""] * len(y),
-                       targets=y, probabilities=p, score=s, source="bench_queue", model=None, labels_sha256="",
+data = audit.AuditData(labels=os.path.join(folder, "labels.txt"), attributes=attributes, names=names,
+                       paths=[""] * len(y), targets=y, probabilities=p, score=s, source="bench_queue", model=None,
+                       labels_sha256="",
                        verdicts=[{"attribute": a, "learnt": bool(ok), "p_adjusted": 0.01 if ok else 0.9}
                                  for a, ok in zip(attributes, learnt)])
 print(f"bench: arrays read at {time.time() - started:.2f} s", flush=True)
@@ -129,9 +130,10 @@ def server_first_page(folder, data):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     started, wall = time.perf_counter(), time.time()
-    child = subprocess.Popen([sys.executable, "-c", SERVER, str(wall), folder, "--labels", os.path.join(folder, "labels.txt"),
-                              "--db", os.path.join(folder, "review.sqlite"), "--port", str(port), "--reviewer", "bench"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    flags = ["--labels", os.path.join(folder, "labels.txt"), "--db", os.path.join(folder, "review.sqlite"),
+             "--port", str(port), "--reviewer", "bench"]
+    child = subprocess.Popen([sys.executable, "-c", SERVER, str(wall), folder, *flags], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         while True:
             try:
@@ -199,8 +201,8 @@ def main(argv=None):
     print(f"{datetime.date.today().isoformat()}, {cpu_model()} (lscpu), {os.cpu_count()} cores, load average "
           f"{load_average()}, numpy {np.__version__}")
     print(f"{n:,} x {k} = {n * k:,} cells ({queue.counts['known']:,} known and {queue.counts['na']:,} NA cells of "
-          f"the {int(learnt.sum())} attributes learnt in the queue); inputs {(y.nbytes + p.nbytes + score.nbytes) / 1e9:.2f} "
-          f"GB; label_audit.csv {written:,} rows, {size / 1e6:.1f} MB")
+          f"the {int(learnt.sum())} attributes learnt in the queue); inputs "
+          f"{(y.nbytes + p.nbytes + score.nbytes) / 1e9:.2f} GB; label_audit.csv {written:,} rows, {size / 1e6:.1f} MB")
     print(table(["stage", "seconds", "peak GB above its start"], stages.rows))
     print(f"this process's peak resident memory over the stages: {stages.peak / 1e6:.2f} GB")
     if server:
