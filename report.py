@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from audit import audit_rows, label_quality
+from audit import audit_cells, label_quality, ranking
 from data_loader import FeatureBatches
 from dataset import add_label_flags, label_counts, label_options, load_dataset, load_image
 from engine import evaluate, oof_mismatch, read_oof
@@ -389,12 +389,12 @@ def make_report(args):
                 for k in range(len(attributes)) if not learnt[k]}
     suspects, suggestions = [], []
     if audit[0] is not None:
-        rows = audit_rows(names, attributes, y, scores, label_quality(scores, y, learnt), learnt)
-        row_of = {n: i for i, n in enumerate(names)}
-        suspects = [(r, shown.add(paths[row_of[r["image"]]], attributes.index(r["attribute"])))
-                    for r in [r for r in rows if r["score"] is not None][:SUSPECTS]]
-        suggestions = [(r, shown.add(paths[row_of[r["image"]]], attributes.index(r["attribute"])))
-                       for r in [r for r in rows if r["score"] is None][:NA_SHOWN]]
+        # The top of the audit's ranking only: its first cells are found without sorting the rest.
+        score = label_quality(scores, y, learnt)
+        for kind, count, shown_here in (("known", SUSPECTS, suspects), ("na", NA_SHOWN, suggestions)):
+            cells = ranking(y, scores, score, learnt, kind=kind, top=count)
+            for cell, r in zip(cells.tolist(), audit_cells(cells, names, attributes, y, scores, score)):
+                shown_here.append((r, shown.add(paths[cell // len(attributes)], cell % len(attributes))))
     shown.render(model, ckpt, device=device)
     run = read_run(args.metrics or os.path.join(os.path.dirname(os.path.abspath(args.model)), "metrics.json"))
     history = run.get("history") or []

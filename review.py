@@ -5,7 +5,7 @@
     python review.py --labels labels.txt --export labels_reviewed.txt     # the labels with the decisions applied
 
 The queue is every cell of the readable rows: the known cells most likely wrong first (audit.py's score), then
-the NA cells with the most confident suggestions (audit.audit_rows' order). It is built on the run's out-of-fold
+the NA cells with the most confident suggestions (audit.ranking's order). It is built on the run's out-of-fold
 predictions (oof.npz beside --model) when they match these labels, else computed as audit.py does: train.py's
 cross-validation, with any train.py flag given here (--backbone, --cache-dir, ...), on the same feature cache (so
 seconds after a first run); that run (model.pth, oof.npz) is kept in review_run/ beside the database, where its
@@ -104,41 +104,54 @@ def load_audit(args):
 
 
 class Queue:
-    """The cells of AuditData in audit.audit_rows' order, as arrays: row (into data.names) and column of each."""
+    """The cells of AuditData that the audit ranks, in its order (audit.ranking): the known cells of the attributes
+    learnt, the most suspect first, then their NA cells. Nothing per cell is built: a list (all, one kind, one
+    attribute, one attribute's kind) is a List of the ranking's flat cell indices, its top found as far as it is
+    paged (a 1M x 228 queue opens in seconds), an attribute's cells ranked when first asked for."""
 
     def __init__(self, data):
         import audit
 
         self.data = data
         self.names, self.attributes = list(data.names), list(data.attributes)
-        self.targets = np.asarray(data.targets).astype(np.int8)
+        self.targets = np.asarray(data.targets, dtype=np.int8)
         self.probabilities = np.asarray(data.probabilities, dtype=np.float32)
         self.score = np.asarray(data.score, dtype=np.float64)
+        self.learnt = np.asarray(data.learnt, dtype=bool).reshape(len(self.attributes))
         self.row_of = {name: i for i, name in enumerate(self.names)}
         self.column_of = {a: k for k, a in enumerate(self.attributes)}
         # Cells of an attribute the run did not learn are left out (audit.py: no suspect, no suggestion).
-        cells = audit.audit_rows(self.names, self.attributes, self.targets, self.probabilities, self.score,
-                                 data.learnt)
-        self.rows = np.fromiter((self.row_of[c["image"]] for c in cells), dtype=np.int64, count=len(cells))
-        self.columns = np.fromiter((self.column_of[c["attribute"]] for c in cells), dtype=np.int64, count=len(cells))
-        self.position = np.full(len(self.names) * len(self.attributes), -1, dtype=np.int64)  # of cell i * K + k
-        self.position[self.rows * len(self.attributes) + self.columns] = np.arange(len(cells))
-        self.known = self.targets[self.rows, self.columns] >= 0
-        self.filtered = {}  # (attribute, kind) -> queue positions; at most (K + 1) x 3 of them
+        self.counts = {kind: audit.part_size(self.targets, self.learnt, kind) for kind in KINDS}
+        self.lock = threading.Lock()  # the lists grow as they are paged, from the server's threads
+        self.parts = {}  # (column or None, kind) -> Part
+        self.lists = {}  # (attribute, kind) -> List; at most (K + 1) x 3 of them
 
     def __len__(self):
-        return len(self.rows)
+        return sum(self.counts.values())
+
+    def part(self, column, kind):
+        key = (column, kind)
+        if key not in self.parts:
+            self.parts[key] = Part(self, column, kind)
+        return self.parts[key]
 
     def select(self, attribute, kind):
+        """The List of the cells of attribute (all: '') and kind (both: '')."""
         key = (attribute, kind)
-        if key not in self.filtered:
-            keep = np.ones(len(self), dtype=bool)
-            if attribute:
-                keep &= self.columns == self.column_of[attribute]
-            if kind:
-                keep &= self.known if kind == "known" else ~self.known
-            self.filtered[key] = np.flatnonzero(keep)
-        return self.filtered[key]
+        with self.lock:
+            if key not in self.lists:
+                column = self.column_of[attribute] if attribute else None
+                # The queue's positions of a list of every attribute are known (the known part, then the NA part);
+                # an attribute's are counted when its page is shown.
+                self.lists[key] = List(self, [self.part(column, k) for k in ((kind,) if kind else KINDS)],
+                                       ranked=column is None)
+            return self.lists[key]
+
+    def positions(self, cells):
+        """The queue position of each cell (flat index i * K + k); -1 where it is not in the queue."""
+        import audit
+
+        return audit.rank_of(cells, self.targets, self.probabilities, self.score, self.learnt)
 
     def cell(self, i, k, ledger):
         """What the page shows of one cell: the given value, the out-of-fold probability, the suggestion, the
@@ -150,21 +163,27 @@ class Queue:
                 "probability": round(p, 6), "score": None if given < 0 else round(float(self.score[i, k]), 6),
                 "decided": decided, "value": decided["after"] if decided else TEXT[given]}
 
-    def item(self, position, ledger):
-        i, k = int(self.rows[position]), int(self.columns[position])
+    def item(self, cell, position, ledger):
+        """The page's item of a cell (flat index) at a queue position."""
+        i, k = divmod(int(cell), len(self.attributes))
         item = {"index": int(position), "row": i, "column": k, "kind": KINDS[int(self.targets[i, k] < 0)],
                 **self.cell(i, k, ledger)}
         item["others"] = [{key: c[key] for key in ("attribute", "given", "value", "probability")}
                           for c in (self.cell(i, j, ledger) for j in range(len(self.attributes)) if j != k)]
         return item
 
-    def decided_mask(self, ledger):
-        decided = np.zeros(len(self.rows), dtype=bool)
+    def decided_cells(self, ledger):
+        """Flat indices of the cells a decision holds for (of this queue's images and attributes)."""
         cells = [(self.row_of.get(image), self.column_of.get(attribute)) for image, attribute in ledger.decided()]
-        cells = [i * len(self.attributes) + k for i, k in cells if i is not None and k is not None]
-        positions = self.position[np.asarray(cells, dtype=np.int64)]
-        decided[positions[positions >= 0]] = True
-        return decided
+        return np.asarray([i * len(self.attributes) + k for i, k in cells if i is not None and k is not None],
+                          dtype=np.int64)
+
+    def first_pending(self, selected, ledger):
+        """The first offset in the List without a decision, or None: among its first (cells decided + 1) cells."""
+        decided = self.decided_cells(ledger)
+        head = selected.cells(0, min(len(selected), len(decided) + 1))
+        pending = np.flatnonzero(~np.isin(head, decided))
+        return int(pending[0]) if len(pending) else None
 
     def progress(self, ledger):
         """Cells reviewed (a decision holds), changed (a known cell given another value), NA filled, kept."""
@@ -175,6 +194,60 @@ class Queue:
                 counts["reviewed"] += 1
                 counts[change_kind(int(self.targets[i, k]), VALUES[ledger.latest(image, attribute)["after"]])] += 1
         return dict(counts)
+
+
+class Part:
+    """One kind's cells (known or na) of one column (None: of every column) in the ranking's order, as far as asked
+    for: its top, found without sorting the rest, grows by doubling as it is paged."""
+
+    FIRST = 1000  # cells of a part's first top
+
+    def __init__(self, queue, column, kind):
+        import audit
+
+        self.queue, self.column, self.kind = queue, column, kind
+        self.size = queue.counts[kind] if column is None else \
+            audit.part_size(queue.targets, queue.learnt, kind, column)
+        self.top = np.zeros(0, dtype=np.int64)
+
+    def cells(self, start, stop):
+        import audit
+
+        stop = min(stop, self.size)
+        if stop > len(self.top):
+            q = self.queue
+            want = min(self.size, max(stop, 2 * len(self.top), self.FIRST))
+            self.top = audit.ranking(q.targets, q.probabilities, q.score, q.learnt, kind=self.kind,
+                                     column=self.column, top=want)
+        return self.top[start:stop]
+
+
+class List:
+    """A list of the queue (what GET /api/queue pages): parts one after another. ranked: its positions in the queue
+    are its offsets plus the parts before it (a list of every attribute); else they are counted."""
+
+    def __init__(self, queue, parts, *, ranked):
+        self.queue, self.parts, self.ranked = queue, parts, ranked
+
+    def __len__(self):
+        return sum(p.size for p in self.parts)
+
+    def cells(self, start, stop):
+        """Flat indices of the cells at offsets start to stop."""
+        out, offset = [np.zeros(0, dtype=np.int64)], 0
+        with self.queue.lock:
+            for part in self.parts:
+                if start < offset + part.size and stop > offset:
+                    out.append(part.cells(max(start - offset, 0), stop - offset).astype(np.int64))
+                offset += part.size
+        return np.concatenate(out)
+
+    def positions(self, start, cells):
+        """The queue positions of cells, the list's cells from offset start on."""
+        if not self.ranked:
+            return self.queue.positions(cells)
+        offsets = np.arange(start, start + len(cells))
+        return offsets + (self.queue.counts["known"] if self.parts[0].kind == "na" else 0)
 
 
 def change_kind(given, value):
@@ -528,7 +601,7 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
                 "not_learnt_message": (f"Not in the queue: {left}. The model did not learn them (no better than "
                                        "chance on images it never saw), so it has nothing to suggest; their labels "
                                        "stay as given.") if left else None,
-                "queue": len(queue), "known": int(queue.known.sum()), "na": int((~queue.known).sum()),
+                "queue": len(queue), "known": queue.counts["known"], "na": queue.counts["na"],
                 "reviewer": args.reviewer, "gradcam": cams.missing is None, "gradcam_missing": cams.missing,
                 "last_id": ledger.last_id, **progress, "labels_changed": changed,
                 "labels_message": (f"{os.path.basename(data.labels)} changed on disk since this queue was built: the "
@@ -541,12 +614,14 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
 
     def listing(attribute, kind, offset, limit):
         selected = queue.select(attribute, kind)
+        cells = selected.cells(offset, offset + limit)
+        positions = selected.positions(offset, cells)
         with ledger.lock:
             ledger.refresh()
-            pending = np.flatnonzero(~queue.decided_mask(ledger)[selected])
-            items = [queue.item(int(p), ledger) for p in selected[offset:offset + limit]]
+            first_pending = queue.first_pending(selected, ledger)
+            items = [queue.item(c, p, ledger) for c, p in zip(cells.tolist(), positions.tolist())]
         return {"total": len(selected), "offset": offset, "limit": limit, "attribute": attribute, "kind": kind,
-                "first_pending": int(pending[0]) if len(pending) else None, "items": items}
+                "first_pending": first_pending, "items": items}
 
     def number(params, name, default, low, high):
         text = params.get(name) or str(default)
@@ -594,7 +669,7 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
                           else f"no decision {decision_id}")
         undone, value, holding = done
         i, k = queue.row_of.get(undone["image"]), queue.column_of.get(undone["attribute"])
-        index = None if i is None or k is None else int(queue.position[i * len(queue.attributes) + k])
+        index = None if i is None or k is None else int(queue.positions([i * len(queue.attributes) + k])[0])
         index = None if index is not None and index < 0 else index
         return {"undone": undone, "value": value, "decided": holding, "index": index}
 
@@ -707,7 +782,7 @@ def serve(args):
     loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
     hosts = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]", args.host)} if loopback else None
     app = create_app(args, queue, ledger, cams, hosts=hosts)
-    log(f"reviewing {data.labels}: {len(queue)} cells ({int(queue.known.sum())} known, {int((~queue.known).sum())} NA) "
+    log(f"reviewing {data.labels}: {len(queue)} cells ({queue.counts['known']} known, {queue.counts['na']} NA) "
         f"of {len(queue.names)} images; {data.source} ({time.time() - started:.1f}s); decisions in {args.db}")
     log(f"open http://{host}:{port}/ (Ctrl-C or SIGTERM to stop)")
 

@@ -176,3 +176,105 @@ def test_flipped_labels_of_the_sample_set_are_found(tmp_path, lite0_cache, capsy
     data = audit.audit_data(str(labels), os.path.join(ROOT, "images"), model=str(tmp_path / "model.pth"))
     recall = audit.recall_in_top(data.score, flipped)
     assert recall >= 0.8, recall
+
+
+def reference_order(targets, probabilities, score, learnt):
+    """The audit's order as audit_rows made it before the ranking (one Python object per cell, two stable sorts):
+    known cells of the attributes learnt by -score, then their NA cells by -|p - 0.5|; flat indices."""
+    y, width = np.asarray(targets), len(learnt)
+    cells = [(i * width + k, y[i, k] < 0, float(probabilities[i, k]), float(score[i, k]))
+             for i in range(len(y)) for k in range(width) if learnt[k]]
+    known = sorted((c for c in cells if not c[1]), key=lambda c: -c[3])
+    na = sorted((c for c in cells if c[1]), key=lambda c: -abs(c[2] - 0.5))
+    return [c[0] for c in known + na]
+
+
+def generated(n=2000, k=30, seed=5):
+    """n x k targets (20% NA), probabilities with many ties (rounded to 0.05 in the first 500 rows), a learnt mask
+    with some attributes not learnt, and the scores."""
+    g = np.random.default_rng(seed)
+    y = g.choice(np.array([-1, 0, 1], dtype=np.int8), size=(n, k), p=[0.2, 0.4, 0.4])
+    p = g.random((n, k)).astype(np.float32)
+    p[:500] = np.round(p[:500] * 20) / 20
+    learnt = np.ones(k, dtype=bool)
+    learnt[[3, 17]] = False
+    return y, p, audit.label_quality(p, y, learnt), learnt
+
+
+@pytest.mark.parametrize("sizes", [(audit.FULL_SORT, audit.BLOCK, audit.SAMPLE), (200, 1000, 300)],
+                         ids=["sorted whole", "top by threshold"])
+def test_the_ranking_is_the_order_of_the_old_per_cell_sorts(sizes, monkeypatch):
+    """2,000 x 30 (more than the sample's 600 x 4), ties included: whole, its top, one kind, one column and the
+    positions of cells equal the reference; small FULL_SORT, BLOCK and SAMPLE take the threshold path of a top."""
+    for name, value in zip(("FULL_SORT", "BLOCK", "SAMPLE"), sizes):
+        monkeypatch.setattr(audit, name, value)
+    y, p, score, learnt = generated()
+    reference = reference_order(y, p, score, learnt)
+    known = int(((y >= 0) & learnt).sum())
+    assert len(reference) == int(learnt.sum()) * len(y) and audit.part_size(y, learnt, "known") == known
+    order = audit.ranking(y, p, score, learnt)
+    assert order.dtype == np.uint32 and order.tolist() == reference
+    for top in (1, 7, 1000, known, known + 10, len(reference) + 1):
+        assert audit.ranking(y, p, score, learnt, top=top).tolist() == reference[:top]
+    assert audit.ranking(y, p, score, learnt, kind="na", top=500).tolist() == reference[known:known + 500]
+    assert audit.ranking(y, p, score, learnt, kind="known").tolist() == reference[:known]
+    for k in (0, 3, 29):
+        assert audit.ranking(y, p, score, learnt, column=k).tolist() == [c for c in reference if c % 30 == k]
+    cells = np.random.default_rng(0).choice(y.size, 300, replace=False)
+    where = {c: i for i, c in enumerate(reference)}
+    assert audit.rank_of(cells, y, p, score, learnt).tolist() == [where.get(c, -1) for c in cells]
+
+
+def test_label_audit_csv_is_written_from_the_ranking_in_chunks_all_or_the_top_of_each_part(tmp_path, monkeypatch):
+    monkeypatch.setattr(audit, "CHUNK", 1000)  # 48 chunks
+    y, p, score, learnt = generated()
+    names, attributes = [f"im{i:05d}.jpg" for i in range(len(y))], [f"A{k}" for k in range(y.shape[1])]
+    data = audit.AuditData(labels="", attributes=attributes, names=names, paths=[], targets=y, probabilities=p,
+                           score=score, source="", model=None, labels_sha256="",
+                           verdicts=[{"attribute": a, "learnt": bool(ok), "p_adjusted": 0.5} for a, ok in
+                                     zip(attributes, learnt)])
+    reference = reference_order(y, p, score, learnt)
+    known = int(((y >= 0) & learnt).sum())
+    path = tmp_path / "label_audit.csv"
+    assert audit.write_audit_csv(path, data, audit.audit_chunks(data), comment="not audited, ...: A3, A17") == \
+        len(reference)
+    comment, rows = read_audit_csv(path)
+    assert comment == "# not audited, ...: A3, A17"
+    expected = audit.audit_rows(names, attributes, y, p, score, learnt)
+    assert [(r["image"], r["attribute"]) for r in rows] == [(names[c // 30], attributes[c % 30]) for c in reference]
+    assert rows == [{"image": r["image"], "attribute": r["attribute"], "given": str(r["given"]),
+                     "suggested": str(r["suggested"]), "probability": f"{r['probability']:.6f}",
+                     "score": "" if r["score"] is None else f"{r['score']:.6f}"} for r in expected]
+    assert rows[0]["score"] == f"{np.nanmax(score):.6f}" and rows[-1]["given"] == "NA"
+    # The top 100 of each part: the 100 most suspect known cells, then the 100 most confident NA cells.
+    assert audit.write_audit_csv(path, data, audit.audit_chunks(data, 100)) == 200
+    top = read_audit_csv(path)
+    assert top[0] is None and top[1] == rows[:100] + rows[known:known + 100]
+
+
+def test_audit_py_writes_the_top_of_each_part_by_default_says_so_and_every_cell_with_all(tmp_path, monkeypatch,
+                                                                                         capsys):
+    y, p, score, learnt = generated()
+    names, attributes = [f"im{i:05d}.jpg" for i in range(len(y))], [f"A{k}" for k in range(y.shape[1])]
+    labels = tmp_path / "labels.txt"
+    write_labels(str(labels), attributes, names, y)
+    data = audit.AuditData(labels=str(labels), attributes=attributes, names=names, paths=[], targets=y,
+                           probabilities=p, score=score, source="generated", model=None, labels_sha256="",
+                           verdicts=[{"attribute": a, "learnt": bool(ok), "p_adjusted": 0.01 if ok else 0.7}
+                                     for a, ok in zip(attributes, learnt)])
+    monkeypatch.setattr(audit, "audit_data", lambda *a, **kw: data)
+    reference = reference_order(y, p, score, learnt)
+    known = int(((y >= 0) & learnt).sum())
+    flags = ["--labels", str(labels), "--out", str(tmp_path)]
+    assert audit.main([*flags, "--top", "40"]) == 0
+    said = capsys.readouterr().out
+    comment, rows = read_audit_csv(tmp_path / "label_audit.csv")
+    assert comment == (f"# not audited, not learnt (no better than chance out of fold): A3 (p 0.70), A17 (p 0.70); "
+                       f"the 40 most suspect of {known:,} known cells and the 40 most confident of "
+                       f"{len(reference) - known:,} NA cells (audit.py --all: every cell)")
+    cells = reference[:40] + reference[known:known + 40]
+    assert [(r["image"], r["attribute"]) for r in rows] == [(names[c // 30], attributes[c % 30]) for c in cells]
+    assert f"(80 of {len(reference)} cells, the most suspect first)" in said and said.count("  suspect: ") == 10
+    assert audit.main([*flags, "--all"]) == 0
+    comment, rows = read_audit_csv(tmp_path / "label_audit.csv")
+    assert comment.endswith("A17 (p 0.70)") and len(rows) == len(reference)

@@ -564,3 +564,82 @@ def test_the_export_keeps_the_input_format_and_rewrites_only_the_changed_cells(t
     assert back.names == given.names == ["x.jpg", "y.jpg", "z.jpg"] and back.attributes == ["A", "B", "C"]
     assert back.targets.tolist() == [[1, 0, 1], [0, -1, 1], [1, 1, 1]]
     ledger.close()
+
+
+def test_a_queue_larger_than_the_sample_is_paged_filtered_and_exported_in_the_reference_order(tmp_path):
+    """2,000 x 30 generated cells (the sample has 600 x 4), ties included, two attributes not learnt: the queue, its
+    pages and filters follow the order of the old per-cell sorts, with the queue positions of the items; decisions
+    move the first pending item and come back in the export."""
+    import audit
+    from dataset import write_labels
+
+    n, width = 2000, 30
+    g = np.random.default_rng(7)
+    y = g.choice(np.array([-1, 0, 1], dtype=np.int8), size=(n, width), p=[0.2, 0.4, 0.4])
+    p = g.random((n, width)).astype(np.float32)
+    p[:400] = np.round(p[:400] * 20) / 20  # equal keys: in the cells' order, as stable sorts leave them
+    learnt = np.ones(width, dtype=bool)
+    learnt[[4, 21]] = False
+    names, attributes = [f"im{i:05d}.jpg" for i in range(n)], [f"A{k}" for k in range(width)]
+    labels = str(tmp_path / "labels.txt")
+    write_labels(labels, attributes, names, y)
+    score = audit.label_quality(p, y, learnt)
+    cells = [(i, k) for i in range(n) for k in range(width) if learnt[k]]
+    reference = sorted((c for c in cells if y[c] >= 0), key=lambda c: -float(score[c])) + \
+        sorted((c for c in cells if y[c] < 0), key=lambda c: -abs(float(p[c]) - 0.5))
+    known = int(((y >= 0) & learnt).sum())
+    data = {"labels": labels, "attributes": attributes, "names": names, "paths": [""] * n, "targets": y.tolist(),
+            "probabilities": p.tolist(), "score": [[None if np.isnan(v) else float(v) for v in r] for r in score],
+            "source": "generated", "model": None, "labels_sha256": engine.file_sha256(labels),
+            "verdicts": [{"attribute": a, "learnt": bool(ok), "p_adjusted": 0.01 if ok else 0.9}
+                         for a, ok in zip(attributes, learnt)]}
+    queue = review.Queue(audit.AuditData(**{**data, "targets": y, "probabilities": p, "score": score}))
+    assert len(queue) == len(reference) and queue.counts == {"known": known, "na": len(reference) - known}
+    whole = queue.select("", "")
+    assert [divmod(int(c), width) for c in whole.cells(0, len(whole))] == reference
+    a7 = [c for c in reference if c[1] == 7]
+    assert [divmod(int(c), width) for c in queue.select("A7", "").cells(0, len(a7))] == a7
+    path = tmp_path / "audit.json"
+    path.write_text(json.dumps(data))
+    server = Server(str(tmp_path), "--labels", labels, "--reviewer", "ana", data=str(path))
+    try:
+        state = server.get("/api/state").json()
+        assert (state["queue"], state["known"], state["na"]) == (len(reference), known, len(reference) - known)
+        assert state["not_learnt"] == ["A4", "A21"]
+        first = server.get("/api/queue", limit=500).json()
+        assert first["total"] == len(reference) and first["first_pending"] == 0
+        assert [(it["row"], it["column"]) for it in first["items"]] == reference[:500]
+        assert [it["index"] for it in first["items"]] == list(range(500))
+        across = server.get("/api/queue", offset=known - 250, limit=500).json()["items"]  # known part, then NA
+        assert [(it["row"], it["column"]) for it in across] == reference[known - 250:known + 250]
+        assert [it["kind"] for it in across] == ["known"] * 250 + ["na"] * 250
+        na = server.get("/api/queue", kind="na", offset=10, limit=20).json()
+        assert [(it["row"], it["column"], it["index"]) for it in na["items"]] == \
+            [(*reference[known + j], known + j) for j in range(10, 30)]
+        page = server.get("/api/queue", attribute="A7", offset=100, limit=50).json()
+        assert page["total"] == len(a7) and [(it["row"], it["column"]) for it in page["items"]] == a7[100:150]
+        assert [it["index"] for it in page["items"]] == [reference.index(c) for c in a7[100:150]]
+        assert server.get("/api/queue", attribute="A4").json()["total"] == 0  # not learnt: not in the queue
+        decided = reference[:3] + [a7[0]]
+        for i, k in decided:
+            value = "NA" if y[i, k] >= 0 else "1"
+            assert server.post("/api/decisions", {"image": names[i], "attribute": attributes[k],
+                                                  "value": value}).status_code == 200
+        assert server.get("/api/queue", limit=1).json()["first_pending"] == 3
+        assert server.get("/api/queue", attribute="A7", limit=1).json()["first_pending"] == 1
+        undone = server.post("/api/undo", {}).json()
+        assert (undone["undone"]["image"], undone["index"]) == (names[a7[0][0]], reference.index(a7[0]))
+        back = parse_labels_text(server.get("/api/export").text, tmp_path)
+        expected = y.copy()
+        for i, k in decided[:3]:
+            expected[i, k] = -1 if y[i, k] >= 0 else 1
+        assert back.names == names and (back.targets == expected).all()
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def parse_labels_text(text, folder):
+    path = os.path.join(folder, "exported.txt")
+    with open(path, "w") as f:
+        f.write(text)
+    return parse_labels(path)
