@@ -346,21 +346,32 @@ def out_of_fold(batches, index, targets, *, args, feature_dim, device, state, st
 
 
 EPOCH_RULES = ("1se", "map", "loss")  # train.py's EPOCH_RULE says what each is and what was measured
+RECORD_CELLS = 2 ** 22  # epoch_record's blocks: rows of this many cells (16 MB of float32 logits)
 
 
 def epoch_record(logits, y, attributes, loss_fn, folds):
     """One epoch's out-of-fold numbers from its logits (repeats, n, K): the loss (the mean over the repeats of the
     run's loss on each repeat's logits), the metrics of the mean probability over the repeats, and the standard error
-    of the mAP: the spread of the heads' own mAPs on their held-out folds over sqrt(heads)."""
-    target = torch.from_numpy(np.asarray(y))
-    with torch.no_grad():
-        loss = float(np.mean([loss_fn(torch.from_numpy(zr), target).item() for zr in logits]))
-    mean = sigmoid(logits).mean(0)
+    of the mAP: the spread of the heads' own mAPs on their held-out folds over sqrt(heads). The loss and the mean
+    go through the rows in blocks: the loss's temporaries alone are ~8 copies of its input (7 GB at 1M x 228)."""
+    y = np.asarray(y)
+    mean, losses, block = np.zeros(logits.shape[1:], dtype=np.float32), [], max(1, RECORD_CELLS // max(y.shape[1], 1))
+    for z in logits:
+        total, known = 0.0, 0
+        for s in range(0, len(y), block):
+            mean[s:s + block] += sigmoid(z[s:s + block])
+            target = torch.from_numpy(y[s:s + block])
+            cells = int((target >= 0).sum())
+            with torch.no_grad():  # each loss is the mean over the known cells: a block's weighs its cells
+                total += loss_fn(torch.from_numpy(z[s:s + block]), target).item() * cells
+            known += cells
+        losses.append(total / known if known else 0.0)
+    mean /= len(logits)  # the sum in repeat order, then / R: numpy's mean(0), to the bit
     result = attribute_metrics(mean, y, None, attributes)
     heads = [attribute_metrics(sigmoid(logits[r][held]), y[held], None, attributes)["map"]
              for r in range(len(logits)) for held in (folds[:, r] == f for f in np.unique(folds[:, r]))]
     heads = [m for m in heads if not math.isnan(m)]
-    return {"loss": loss, "map": result["map"],
+    return {"loss": float(np.mean(losses)), "map": result["map"],
             "map_se": float(np.std(heads, ddof=1) / math.sqrt(len(heads))) if len(heads) > 1 else 0.0,
             "macro_f1": macro_f1(mean, y, [0.5] * len(attributes)), "ap": [r["ap"] for r in result["attributes"]]}
 
