@@ -251,6 +251,8 @@ class Head:
 
     def train_epoch(self, epoch, logits, stop=None):
         """One epoch, then its held-out rows' logits into logits[repeat]; False if stop.requested ended it."""
+        if stop is not None and stop.requested:  # a Ctrl-C came while it waited for a core
+            return False
         self.train_batches.set_epoch(epoch)
         self.module.train()
         train_one_epoch(self.module, self.train_batches, loss_fn=self.loss_fn, optimizer=self.optimizer,
@@ -306,6 +308,7 @@ def out_of_fold(batches, index, targets, *, args, feature_dim, device, state, st
     bar = Progress((state.epochs - state.epoch) * heads_n, "cross-validation")
     with ThreadPoolExecutor(max(1, min(workers, heads_n))) as pool:
         for epoch in range(state.epoch, state.epochs):
+            epoch_started = time.time()
             logits = np.zeros((args.repeats, n, K), dtype=np.float32)  # this epoch's alone: O(rows x attributes)
             futures = [pool.submit(head.train_epoch, epoch, logits, stop) for head in heads]
             finished = []
@@ -327,9 +330,10 @@ def out_of_fold(batches, index, targets, *, args, feature_dim, device, state, st
             if epoch in candidates:
                 state.kept[epoch] = [saved["model"] for saved in state.heads]
             state.epoch = epoch + 1
-            log(f"cross-validation epoch {epoch + 1:>3}/{state.epochs}  loss {record['loss']:.4f}  mAP "
-                f"{record['map']:.4f} +- {record['map_se']:.4f}  macroF1@0.5 {record['macro_f1']:.4f}  "
-                f"{heads_n} heads  {state.seconds + time.time() - started:.1f}s in all")
+            seconds, images = time.time() - epoch_started, sum(head.train_batches.num_images for head in heads)
+            log(f"cross-validation epoch {epoch + 1:>3}/{state.epochs}  oof_loss {record['loss']:.4f}  mAP "
+                f"{record['map']:.4f} +- {record['map_se']:.4f}  macroF1@0.5 {record['macro_f1']:.4f}  time "
+                f"{seconds:.2f}s  {images / max(seconds, 1e-9):.0f} img/s ({heads_n} heads)")
         # Only the chosen epoch's logits are needed from here on: one more pass of each head over its own fold.
         best = choose_epoch(state.history, args.epoch_rule)
         state.chosen = np.zeros((args.repeats, n, K), dtype=np.float32)

@@ -145,8 +145,8 @@ def test_a_stopped_cross_validation_goes_on_from_its_last_finished_epoch_and_end
     args, index = recipe(epochs=4), np.arange(30)
     straight, every = cross_validate(x, y, args, workers=1)
     stopped = engine.start_out_of_fold(y.numpy(), folds=3, repeats=2, epochs=4, seed=0)
-    # 5 steps a head-epoch (20 rows, batch 4) and one question after each: 6 x 6 heads = 36 an epoch; 90 stop in
-    # the third epoch, whose steps so far are lost: the state is that after epoch 2.
+    # 5 steps a head-epoch (20 rows, batch 4), a question after each and one before and one after the epoch: 7 x 6
+    # heads = 42 an epoch; 90 stop in the third epoch, whose steps so far are lost: the state is that after epoch 2.
     assert cross_validate(x, y, args, state=stopped, stop=StopAfter(90), workers=1)[0] is None
     assert stopped.epoch == 2 and len(stopped.history) == 2 and stopped.chosen is None
     saved = engine.OutOfFold.from_checkpoint(torch.load(save(stopped.to_checkpoint()), weights_only=True))
