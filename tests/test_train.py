@@ -199,6 +199,14 @@ def test_resume_of_a_cross_validated_run_matches_an_uninterrupted_run(moment, st
         rows = len(progress.folds)
         assert progress.epoch == 2 and len(progress.history) == 2 and progress.heads
         assert [tuple(t.shape) for t in progress.arrays() if rows in t.shape] == [(rows, 2)]
+        # One stopped by the train.py before (every epoch's scores, the heads done) is refused in one line.
+        old = torch.load(stopped / "model_last.pth", weights_only=True)
+        old["cv_progress"] = {"folds": old["cv_progress"]["folds"], "scores": torch.zeros(2, 6, rows, 4),
+                              "done": torch.zeros(4, dtype=torch.bool), "seconds": 1.0}
+        torch.save(old, tmp_path / "old_last.pth")
+        capsys.readouterr()
+        assert train.main(["--resume", str(tmp_path / "old_last.pth"), "--num-workers", "0"]) == 2
+        assert "saved by an older train.py" in capsys.readouterr().err
     assert train.main(["--resume", str(stopped / "model_last.pth"), "--num-workers", "0"]) == 0
     resumed_out = capsys.readouterr().out
     if moment == "cross-validation":
