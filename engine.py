@@ -8,8 +8,8 @@ import hashlib
 import json
 import math
 import os
-import threading
 import time
+from copy import deepcopy
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -133,27 +133,46 @@ def pick_thresholds(mode, scores, y, attributes):
 
 @dataclass
 class OutOfFold:
-    """The cross-validation in progress: the fold of each row in each repeat, each repeat's out-of-fold
-    probabilities per epoch, and which heads are done. A Ctrl-C keeps it in model_last.pth (to_checkpoint) and
-    --resume trains only the heads not done; each head depends on its own seed alone, so the result is the
-    uninterrupted one."""
+    """The cross-validation in progress. All its heads train side by side, one epoch at a time, so when an epoch ends
+    every row has its out-of-fold logits of that epoch: its history record is taken then and the logits dropped.
+    What is kept grows with the heads, never with rows x epochs: each head's weights, optimizer state and dropout
+    generator after the last finished epoch, the history, and the heads' weights at the epochs the epoch rule may
+    still choose (candidate_epochs). A Ctrl-C keeps it in model_last.pth (to_checkpoint) and --resume goes on from
+    the last finished epoch; each head depends on its own seed alone, so the result is the uninterrupted one."""
     folds: np.ndarray  # (n, repeats) int64: the fold of each row in each repeat
-    scores: np.ndarray  # (repeats, epochs, n, K) float32: each row's logits from the head that held it out
-    done: np.ndarray  # (repeats x folds,) bool, repeat-major: the heads trained and scored
+    epochs: int  # the epochs each head trains (--epochs): the most the rule may choose
+    epoch: int = 0  # the epochs every head has finished
+    history: list = field(default_factory=list)  # per finished epoch: epoch_record's numbers
+    heads: list = field(default_factory=list)  # per head, repeat-major, after `epoch` epochs: {"model": state dict,
+    #                                            "optimizer": state dict, "dropout": generator state or None}
+    kept: dict = field(default_factory=dict)  # epoch (0-based) -> each head's weights then, for candidate_epochs
+    chosen: np.ndarray = None  # once finished: (repeats, n, K) float32, the logits of the chosen epoch (not saved)
     seconds: float = 0.0  # time spent so far (for the log)
 
-    @property
-    def heads_done(self):
-        return int(self.done.sum())
-
     def to_checkpoint(self):
-        return {"folds": torch.from_numpy(self.folds), "scores": torch.from_numpy(self.scores),
-                "done": torch.from_numpy(self.done), "seconds": float(self.seconds)}
+        """Plain tensors, numbers and strings (model_last.pth loads with weights_only=True)."""
+        return {"folds": torch.from_numpy(self.folds), "epochs": self.epochs, "epoch": self.epoch,
+                "history": json.dumps(self.history), "heads": self.heads,
+                "kept": [[e, weights] for e, weights in sorted(self.kept.items())], "seconds": float(self.seconds)}
 
     @classmethod
     def from_checkpoint(cls, saved):
-        return cls(folds=saved["folds"].numpy(), scores=saved["scores"].numpy().copy(),
-                   done=saved["done"].numpy().copy(), seconds=float(saved["seconds"]))
+        return cls(folds=saved["folds"].numpy(), epochs=int(saved["epochs"]), epoch=int(saved["epoch"]),
+                   history=json.loads(saved["history"]), heads=list(saved["heads"]),
+                   kept={int(e): weights for e, weights in saved["kept"]}, seconds=float(saved["seconds"]))
+
+    def arrays(self):
+        """Every array the state holds, each once (the memory test counts their elements)."""
+        held = _tensors(self.to_checkpoint()) + ([] if self.chosen is None else [torch.from_numpy(self.chosen)])
+        return list({id(t): t for t in held}.values())
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for v in value for t in _tensors(v)] if isinstance(value, (list, tuple)) else []
 
 
 @dataclass
@@ -204,97 +223,168 @@ def head_seed(seed, repeat, fold, folds):
 def start_out_of_fold(targets, *, folds, repeats, epochs, seed):
     """A new OutOfFold: repeat r's folds are fold_indices with seed (seed, r), so each repeat splits differently."""
     assignment = np.stack([fold_indices(targets, folds, seed * 1_000 + r) for r in range(repeats)], 1)
-    return OutOfFold(folds=assignment, done=np.zeros(repeats * folds, dtype=bool),
-                     scores=np.zeros((repeats, epochs, len(targets), targets.shape[1]), dtype=np.float32))
+    return OutOfFold(folds=assignment, epochs=epochs)
 
 
-def out_of_fold(batches, index, targets, *, args, feature_dim, device, state, stop=None, workers=None):
-    """Train the heads not yet done of state's first args.repeats x args.folds, each on the other folds of its
-    repeat through train_one_epoch (the run's own head, loss, optimizer and schedule), each scoring its own fold
-    after every epoch (flip TTA with --tta). batches(rows, train, seed) gives the batches of those rows. On a CPU
-    the heads train side by side, one a core (workers; default: the cores, under torchrun a share of them): each
-    step's matrices are too small for two threads to share, and each head is repeatable alone (its own seed for
-    the initial weights, the dropout masks and the batch order), so the scores are those of one head after the
-    other. Returns True when every head is done, False if Ctrl-C stopped it (state holds the heads done)."""
-    todo = [h for h in range(args.repeats * args.folds) if not state.done[h]]
+class Head:
+    """One head of the cross-validation: trained on the other folds of its repeat, scoring its own fold. Its initial
+    weights, dropout masks and batch order come from its own seed alone, so it trains the same beside the others
+    (in threads, in lockstep) as alone, and from a saved state (restore) as without a stop."""
+
+    def __init__(self, h, batches, index, targets, *, args, feature_dim, device, folds):
+        self.repeat, f = divmod(h, args.folds)
+        seed, fold = head_seed(args.seed, self.repeat, f, args.folds), folds[:, self.repeat]
+        torch.manual_seed(seed)  # the initial weights come from torch's one global generator, seeded for this head
+        self.module = build_head(args.head, feature_dim, targets.shape[1], hidden=args.hidden,
+                                 dropout=args.dropout).to(device)
+        # Its own dropout generator on the CPU and a GPU (elsewhere torch's global one): a Ctrl-C saves its state.
+        self.generator = torch.Generator(device).manual_seed(seed) if device.type in ("cpu", "cuda") else None
+        if self.generator is not None:
+            set_dropout_generator(self.module, self.generator)
+        train_rows, self.held = index[fold != f], np.flatnonzero(fold == f)
+        self.train_batches, self.held_batches = batches(train_rows, True, seed), batches(index[self.held], False, 0)
+        self.optimizer = make_optimizer(self.module, args)
+        self.lr_at = schedule(args, steps_per_epoch=len(self.train_batches), epochs=args.epochs)
+        self.forward = flip_tta(self.module, features=True) if args.tta else self.module
+        self.loss_fn = make_loss_for(args, targets[train_rows]).to(device)
+        self.device = device
+
+    def train_epoch(self, epoch, logits, stop=None):
+        """One epoch, then its held-out rows' logits into logits[repeat]; False if stop.requested ended it."""
+        if stop is not None and stop.requested:  # a Ctrl-C came while it waited for a core
+            return False
+        self.train_batches.set_epoch(epoch)
+        self.module.train()
+        train_one_epoch(self.module, self.train_batches, loss_fn=self.loss_fn, optimizer=self.optimizer,
+                        lr_at=self.lr_at, first_step=epoch * len(self.train_batches), device=self.device, stop=stop,
+                        label=None)
+        if stop is not None and stop.requested:
+            return False
+        self.score(logits)
+        return True
+
+    def score(self, logits):
+        self.module.eval()
+        if len(self.held):  # in the order of index[held]: FeatureBatches keeps the order it is given
+            logits[self.repeat, self.held] = evaluate(self.forward, self.held_batches, device=self.device,
+                                                      logits=True)[0]
+
+    def state(self):
+        """A copy of its weights, optimizer state and dropout generator: the steps that follow do not change it."""
+        return {"model": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
+                "optimizer": deepcopy(self.optimizer.state_dict()),
+                "dropout": self.generator.get_state() if self.generator is not None else None}
+
+    def restore(self, saved):
+        self.module.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(deepcopy(saved["optimizer"]))  # it would share the saved tensors
+        if self.generator is not None and saved["dropout"] is not None:
+            self.generator.set_state(saved["dropout"])
+
+
+def out_of_fold(batches, index, targets, *, args, feature_dim, device, state, stop=None, workers=None,
+                every_epoch=None):
+    """Train state's args.repeats x args.folds heads (Head) from its last finished epoch to args.epochs, all side by
+    side an epoch at a time, through train_one_epoch (the run's own head, loss, optimizer and schedule), each scoring
+    its own fold after every epoch (flip TTA with --tta). batches(rows, train, seed) gives the batches of those rows.
+    After each epoch its record joins state.history (epoch_record), its logits (repeats, n, K) go to
+    every_epoch(epoch, logits) if given and are dropped, and the heads' weights are kept while --epoch-rule may still
+    choose that epoch. At the end the chosen epoch's logits are made again from its weights (state.chosen). On a CPU
+    the heads train in threads, one a core (workers; default: the cores, under torchrun a share of them): each
+    step's matrices are too small for two threads to share, and each head is repeatable alone, so the scores are
+    those of one head after the other. Returns True when done, False if Ctrl-C stopped it (state then holds the
+    epochs every head finished)."""
+    heads_n, n, K = args.repeats * args.folds, len(index), targets.shape[1]
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = 1 if device.type != "cpu" else max(1, cores // distributed.world_size())
-    started, building = time.time(), threading.Lock()
-
-    def run(h):
-        repeat, f = divmod(h, args.folds)
-        seed, fold = head_seed(args.seed, repeat, f, args.folds), state.folds[:, repeat]
-        if stop is not None and stop.requested:
-            return None
-        with building:  # the initial weights come from torch's one global generator, seeded for this head
-            torch.manual_seed(seed)
-            head = build_head(args.head, feature_dim, targets.shape[1], hidden=args.hidden,
-                              dropout=args.dropout).to(device)
-        if device.type == "cpu":
-            set_dropout_generator(head, torch.Generator().manual_seed(seed))
-        train_rows, held = index[fold != f], np.flatnonzero(fold == f)
-        train_batches, held_batches = batches(train_rows, True, seed), batches(index[held], False, 0)
-        optimizer = make_optimizer(head, args)
-        lr_at = schedule(args, steps_per_epoch=len(train_batches), epochs=args.epochs)
-        forward = flip_tta(head, features=True) if args.tta else head
-        loss_fn = make_loss_for(args, targets[train_rows]).to(device)
-        scores = np.zeros((args.epochs, len(held), targets.shape[1]), dtype=np.float32)
-        for epoch in range(args.epochs):
-            train_batches.set_epoch(epoch)
-            head.train()
-            train_one_epoch(head, train_batches, loss_fn=loss_fn, optimizer=optimizer, lr_at=lr_at,
-                            first_step=epoch * len(train_batches), device=device, stop=stop, label=None)
-            if stop is not None and stop.requested:
-                return None
-            head.eval()
-            if len(held):  # in the order of index[held]: FeatureBatches keeps the order it is given
-                scores[epoch] = evaluate(forward, held_batches, device=device, logits=True)[0]
-        return held, scores
-
-    bar = Progress(len(todo), "cross-validation heads")
-    with ThreadPoolExecutor(max(1, min(workers, len(todo) or 1))) as pool:
-        futures = [pool.submit(run, h) for h in todo]
-        for h, future in zip(todo, futures):  # in head order: the log and the state do not depend on timing
-            result = future.result()
-            if result is None:
-                continue
-            repeat, f = divmod(h, args.folds)
-            held, scores = result
-            state.scores[repeat][:, held] = scores
-            state.done[h] = True
-            bar(1)
-            if state.done[repeat * args.folds:(repeat + 1) * args.folds].all() and f == args.folds - 1:
-                sizes = np.bincount(state.folds[:, repeat])
-                log(f"repeat {repeat + 1}/{args.repeats}: {args.folds} heads of {args.epochs} epochs, {sizes.min()}-"
-                    f"{sizes.max()} rows held out each, {state.seconds + time.time() - started:.1f}s in all")
+    y, attributes = np.asarray(targets[index]), [str(k) for k in range(K)]
+    loss_fn = make_loss_for(args, targets[index])
+    heads = [Head(h, batches, index, targets, args=args, feature_dim=feature_dim, device=device, folds=state.folds)
+             for h in range(heads_n)]  # built in head order: each seeds torch's global generator for its weights
+    for head, saved in zip(heads, state.heads):
+        head.restore(saved)
+    started = time.time()
+    bar = Progress((state.epochs - state.epoch) * heads_n, "cross-validation")
+    with ThreadPoolExecutor(max(1, min(workers, heads_n))) as pool:
+        for epoch in range(state.epoch, state.epochs):
+            epoch_started = time.time()
+            logits = np.zeros((args.repeats, n, K), dtype=np.float32)  # this epoch's alone: O(rows x attributes)
+            futures = [pool.submit(head.train_epoch, epoch, logits, stop) for head in heads]
+            finished = []
+            for future in futures:  # in head order: the log and the state do not depend on timing
+                finished.append(future.result())
+                bar(1)
+            if not all(finished):
+                bar.close()
+                state.seconds += time.time() - started
+                return False
+            record = epoch_record(logits, y, attributes, loss_fn, state.folds)
+            state.history.append({"epoch": epoch + 1, **record})
+            if every_epoch is not None:
+                every_epoch(epoch, logits)
+            del logits
+            state.heads = [head.state() for head in heads]
+            candidates = candidate_epochs(state.history, args.epoch_rule)
+            state.kept = {e: weights for e, weights in state.kept.items() if e in candidates}
+            if epoch in candidates:
+                state.kept[epoch] = [saved["model"] for saved in state.heads]
+            state.epoch = epoch + 1
+            seconds, images = time.time() - epoch_started, sum(head.train_batches.num_images for head in heads)
+            log(f"cross-validation epoch {epoch + 1:>3}/{state.epochs}  oof_loss {record['loss']:.4f}  mAP "
+                f"{record['map']:.4f} +- {record['map_se']:.4f}  macroF1@0.5 {record['macro_f1']:.4f}  time "
+                f"{seconds:.2f}s  {images / max(seconds, 1e-9):.0f} img/s ({heads_n} heads)")
+        # Only the chosen epoch's logits are needed from here on: one more pass of each head over its own fold.
+        best = choose_epoch(state.history, args.epoch_rule)
+        state.chosen = np.zeros((args.repeats, n, K), dtype=np.float32)
+        for head, weights in zip(heads, state.kept[best]):
+            head.module.load_state_dict(weights)
+        list(pool.map(lambda head: head.score(state.chosen), heads))
     bar.close()
     state.seconds += time.time() - started
-    return bool(state.done[:args.repeats * args.folds].all())
+    for repeat in range(args.repeats):
+        sizes = np.bincount(state.folds[:, repeat])
+        log(f"repeat {repeat + 1}/{args.repeats}: {args.folds} heads of {state.epochs} epochs, {sizes.min()}-"
+            f"{sizes.max()} rows held out each, {state.seconds:.1f}s in all")
+    return True
 
 
 EPOCH_RULES = ("1se", "map", "loss")  # train.py's EPOCH_RULE says what each is and what was measured
+RECORD_CELLS = 2 ** 22  # epoch_record's blocks: rows of this many cells (16 MB of float32 logits)
+
+
+def epoch_record(logits, y, attributes, loss_fn, folds):
+    """One epoch's out-of-fold numbers from its logits (repeats, n, K): the loss (the mean over the repeats of the
+    run's loss on each repeat's logits), the metrics of the mean probability over the repeats, and the standard error
+    of the mAP: the spread of the heads' own mAPs on their held-out folds over sqrt(heads). The loss and the mean
+    go through the rows in blocks: the loss's temporaries alone are ~8 copies of its input (7 GB at 1M x 228)."""
+    y = np.asarray(y)
+    mean, losses, block = np.zeros(logits.shape[1:], dtype=np.float32), [], max(1, RECORD_CELLS // max(y.shape[1], 1))
+    for z in logits:
+        total, known = 0.0, 0
+        for s in range(0, len(y), block):
+            mean[s:s + block] += sigmoid(z[s:s + block])
+            target = torch.from_numpy(y[s:s + block])
+            cells = int((target >= 0).sum())
+            with torch.no_grad():  # each loss is the mean over the known cells: a block's weighs its cells
+                total += loss_fn(torch.from_numpy(z[s:s + block]), target).item() * cells
+            known += cells
+        losses.append(total / known if known else 0.0)
+    mean /= len(logits)  # the sum in repeat order, then / R: numpy's mean(0), to the bit
+    result = attribute_metrics(mean, y, None, attributes)
+    heads = [attribute_metrics(sigmoid(logits[r][held]), y[held], None, attributes)["map"]
+             for r in range(len(logits)) for held in (folds[:, r] == f for f in np.unique(folds[:, r]))]
+    heads = [m for m in heads if not math.isnan(m)]
+    return {"loss": float(np.mean(losses)), "map": result["map"],
+            "map_se": float(np.std(heads, ddof=1) / math.sqrt(len(heads))) if len(heads) > 1 else 0.0,
+            "macro_f1": macro_f1(mean, y, [0.5] * len(attributes)), "ap": [r["ap"] for r in result["attributes"]]}
 
 
 def oof_history(logits, y, attributes, loss_fn, folds):
-    """Per epoch the out-of-fold loss (the mean over the repeats of the run's loss on each repeat's logits), the
-    metrics of the mean probability over the repeats, and the standard error of the mAP: the spread of the heads'
-    own mAPs on their held-out folds over sqrt(heads). logits: (repeats, epochs, n, K); folds (n, repeats)."""
-    history, target = [], torch.from_numpy(np.asarray(y))
-    for epoch in range(logits.shape[1]):
-        z = logits[:, epoch]
-        with torch.no_grad():
-            loss = float(np.mean([loss_fn(torch.from_numpy(zr), target).item() for zr in z]))
-        mean = sigmoid(z).mean(0)
-        result = attribute_metrics(mean, y, None, attributes)
-        heads = [attribute_metrics(sigmoid(z[r][held]), y[held], None, attributes)["map"]
-                 for r in range(len(z)) for held in (folds[:, r] == f for f in np.unique(folds[:, r]))]
-        heads = [m for m in heads if not math.isnan(m)]
-        history.append({"epoch": epoch + 1, "loss": loss, "map": result["map"],
-                        "map_se": float(np.std(heads, ddof=1) / math.sqrt(len(heads))) if len(heads) > 1 else 0.0,
-                        "macro_f1": macro_f1(mean, y, [0.5] * len(attributes)),
-                        "ap": [r["ap"] for r in result["attributes"]]})
-    return history
+    """epoch_record of every epoch of logits (repeats, epochs, n, K), folds (n, repeats): all epochs held at once,
+    for small sets (benchmarks/bench_audit.py, the tests); out_of_fold takes the records one epoch at a time."""
+    return [{"epoch": epoch + 1, **epoch_record(logits[:, epoch], y, attributes, loss_fn, folds)}
+            for epoch in range(logits.shape[1])]
 
 
 def choose_epoch(history, rule="1se"):
@@ -311,6 +401,54 @@ def choose_epoch(history, rule="1se"):
     if rule == "map":
         return best
     return int(np.flatnonzero(maps >= maps[best] - history[best]["map_se"])[0])
+
+
+def candidate_epochs(history, rule="1se"):
+    """The epochs (0-based) of history that choose_epoch may still pick however the epochs to come turn out: the
+    cross-validation keeps the heads' weights of these alone. The rule's answer is always a record, an epoch better
+    than every one before it (the lowest loss for "loss", else the highest mAP; NaN counts as no number), or epoch
+    0 when every number is NaN. "map" and "loss" pick the best, the first of ties: the last record. "1se" picks the
+    first epoch within one standard error of the best; every epoch before it is below that bar, so it is a record
+    too, but which one depends on the standard error of a best that may still come: every record is kept (at most
+    all the epochs where the mAP rises to a new high: the weights of 10 heads each, never rows x epochs)."""
+    values = [-h["loss"] if rule == "loss" else h["map"] for h in history]
+    records, best = [], -math.inf
+    for e, v in enumerate(values):
+        if v > best:  # False for NaN
+            records.append(e)
+            best = v
+    if not records:
+        return {0}
+    return set(records) if rule == "1se" else {records[-1]}
+
+
+def cross_validation(logits, history, best, *, index, y, folds, thresholds, attributes):
+    """The CrossValidation of the chosen epoch's logits (repeats, n, K): each attribute's verdict, the calibration,
+    the thresholds and each repeat's own mAP."""
+    judged = judge(logits, y, folds, attributes=attributes, thresholds=thresholds)
+    alone = [float(attribute_metrics(sigmoid(repeat), y, None, attributes)["map"]) for repeat in logits]
+    return CrossValidation(index=index, probabilities=judged.probabilities, folds=folds, epochs=best + 1,
+                           history=history, repeat_maps=alone, thresholds=judged.thresholds, notes=judged.notes,
+                           verdicts=judged.verdicts, calibration=judged.calibration)
+
+
+def finish_out_of_fold(state, index, targets, *, attributes, thresholds, rule="1se"):
+    """The CrossValidation of a finished OutOfFold: the epoch the rule picks from its history, and there (the
+    logits out_of_fold made again from that epoch's weights) the verdicts, calibration and thresholds."""
+    best = choose_epoch(state.history, rule)
+    return cross_validation(state.chosen, state.history, best, index=index, y=np.asarray(targets[index]),
+                            folds=state.folds, thresholds=thresholds, attributes=attributes)
+
+
+def finish_all_epochs(logits, folds, index, targets, *, attributes, thresholds, loss_fn, rule="1se"):
+    """finish_out_of_fold from every epoch's logits held at once (repeats, epochs, n, K) (out_of_fold's
+    every_epoch collects them): the computation the streaming one equals, for small sets (the tests,
+    benchmarks/bench_audit.py's repeats taken one more at a time)."""
+    y = np.asarray(targets[index])
+    history = oof_history(logits, y, attributes, loss_fn, folds)
+    best = choose_epoch(history, rule)
+    return cross_validation(logits[:, best], history, best, index=index, y=y, folds=folds, thresholds=thresholds,
+                            attributes=attributes)
 
 
 def calibrated_thresholds(mode, probabilities, y, calibration, learnt, attributes):
@@ -357,20 +495,6 @@ def judge(logits, y, folds, *, attributes, thresholds, resamples=None):
     chosen, notes = calibrated_thresholds(thresholds, probabilities, y, calibration, learnt, attributes)
     return Judged(probabilities=probabilities, raw=raw, verdicts=found, calibration=calibration, thresholds=chosen,
                   notes=notes)
-
-
-def finish_out_of_fold(state, index, targets, *, attributes, thresholds, loss_fn, rule="1se"):
-    """The CrossValidation of a finished OutOfFold: the epoch the rule picks, and there each attribute's verdict,
-    the calibration, the thresholds and each repeat's own mAP."""
-    y = np.asarray(targets[index])
-    history = oof_history(state.scores, y, attributes, loss_fn, state.folds)
-    best = choose_epoch(history, rule)
-    logits = state.scores[:, best]  # (repeats, n, K)
-    judged = judge(logits, y, state.folds, attributes=attributes, thresholds=thresholds)
-    alone = [float(attribute_metrics(sigmoid(repeat), y, None, attributes)["map"]) for repeat in logits]
-    return CrossValidation(index=index, probabilities=judged.probabilities, folds=state.folds, epochs=best + 1,
-                           history=history, repeat_maps=alone, thresholds=judged.thresholds, notes=judged.notes,
-                           verdicts=judged.verdicts, calibration=judged.calibration)
 
 
 def sigmoid(z):

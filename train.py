@@ -350,7 +350,7 @@ def setup(args):
         state.update(json.loads(resumed["state"]))
         restore_rng(resumed["rng"])
         log(f"resumed from {args.resume} after epoch {state['epoch']}" if "cv_progress" not in resumed else
-            f"resumed from {args.resume}: cross-validation after {int(resumed['cv_progress']['done'].sum())} heads")
+            f"resumed from {args.resume}: cross-validation after {resumed['cv_progress'].get('epoch', 0)} epochs")
     mean, std = backbone_spec(args.backbone).norm
     return Run(args=args, outputs=outputs, cached=cached, folds=folds, epochs=args.epochs, amp=amp, why=why,
                device=device, workers=workers, report=report, table=table, paths=paths, targets=targets,
@@ -431,7 +431,7 @@ EPOCH_RULE_SAID = {"1se": "the fewest within one standard error of the best mAP"
 
 def cross_validate(job):
     """The epochs and thresholds of the final head from out-of-fold predictions (engine.out_of_fold), written to
-    oof.npz; False if Ctrl-C stopped it (job.oof_state then holds the heads done, for model_last.pth)."""
+    oof.npz; False if Ctrl-C stopped it (job.oof_state then holds the epochs its heads finished, for model_last.pth)."""
     args, index, resumed = job.args, job.train_idx, job.resumed or {}
     if "cv" in resumed:  # it had finished before the run was interrupted: its result, not a second one
         job.cv = CrossValidation.from_checkpoint(resumed["cv"], index)
@@ -441,8 +441,11 @@ def cross_validate(job):
         return True
     y = job.targets[index].numpy()
     if "cv_progress" in resumed:
+        if "heads" not in resumed["cv_progress"]:
+            raise UserError(f"{args.resume}: its cross-validation was saved by an older train.py (every epoch's "
+                            "scores, not the heads); start a new run")
         state = OutOfFold.from_checkpoint(resumed["cv_progress"])
-        if state.folds.shape != (len(index), args.repeats) or state.scores.shape[1] != args.epochs:
+        if state.folds.shape != (len(index), args.repeats) or state.epochs != args.epochs:
             raise UserError(f"{args.resume}: its cross-validation had other rows, --repeats or --epochs; start a "
                             "new run, or resume with the same labels, images and --epochs")
     else:
@@ -454,7 +457,7 @@ def cross_validate(job):
         return False
     judging = time.time()
     job.cv = finish_out_of_fold(state, index, job.targets, attributes=job.attributes, thresholds=args.thresholds,
-                                loss_fn=make_loss_for(args, job.targets[index]), rule=args.epoch_rule)
+                                rule=args.epoch_rule)
     judging = time.time() - judging
     job.tracker.cross_validation(job.cv, y)
     job.epochs = job.cv.epochs
@@ -584,7 +587,7 @@ def model_checkpoint(job, judged, *, epoch, val_map):
 
 def resume_checkpoint(job, checkpoint):
     """checkpoint plus what --resume needs: the optimizer, the generators, the fit's state, and the
-    cross-validation (its result once finished, else the heads done so far)."""
+    cross-validation (its result once finished, else its heads after their last finished epoch)."""
     extra = {"cv": job.cv.to_checkpoint()} if job.cv else {}
     if job.oof_state is not None:
         extra["cv_progress"] = job.oof_state.to_checkpoint()
@@ -718,8 +721,8 @@ def run(args):
         with small_matmuls(job.cached and job.device.type == "cpu"):
             if job.folds and not cross_validate(job):
                 job.pending["last"] = resume_checkpoint(job, model_checkpoint(job, None, epoch=0, val_map=None))
-                log(f"interrupted during cross-validation after {job.oof_state.heads_done} of "
-                    f"{args.repeats * args.folds} heads: continue with --resume {job.outputs['last']}")
+                log(f"interrupted during cross-validation after {job.oof_state.epoch} of {args.epochs} epochs of "
+                    f"its {args.repeats * args.folds} heads: continue with --resume {job.outputs['last']}")
                 return 130
             fit(job)
     finally:

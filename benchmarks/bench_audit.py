@@ -10,7 +10,7 @@ top 2 x (number flipped) suspects (audit.recall_in_top). Recipes, all on the sam
            epoch with the best out-of-fold mAP, one cross-validation (what audit.py trained for itself)
   run xR   train.py's own cross-validation (its defaults: the MLP head, flip, TTA, 5 folds, up to 30 epochs) with
            --repeats R: the mean over R fold assignments, at the epoch it picks (engine.out_of_fold, as train.py
-           runs it); R = 1..max grows one repeat at a time, so every R is a prefix of the same heads
+           runs it); R = 1..max are the first R repeats of one cross-validation of the largest R
 Each is scored with cleanlab's self_confidence (audit.py's score) and, on the same probabilities, normalized_margin
 and confidence_weighted_entropy. --second-backbone adds the run's recipe on two backbones' features side by side.
 Also printed: the out-of-fold mAP against the clean labels, and the seconds each cross-validation took.
@@ -85,7 +85,9 @@ def scores_of(probabilities, y):
 
 
 def cross_validations(features, y, args, *, max_repeats, seed):
-    """{repeats: (probabilities at the chosen epoch, seconds so far)} for 1 .. max_repeats, one head at a time."""
+    """{repeats: (probabilities at the chosen epoch, seconds, epochs)} for 1 .. max_repeats: one cross-validation
+    of max_repeats (its heads side by side, as train.py runs them), every epoch's logits kept (a small set), and
+    each R its first R repeats (the seconds: the whole cross-validation's, for every R)."""
     targets = torch.from_numpy(y)
     index = np.arange(len(y))
     rows = np.arange(len(y))
@@ -94,18 +96,19 @@ def cross_validations(features, y, args, *, max_repeats, seed):
         return FeatureBatches(features, rows, idx, targets, batch_size=args.batch_size, shuffle=shuffle,
                               seed=batch_seed, both_views=args.tta and not shuffle)
 
+    args.repeats = max_repeats
     state = engine.start_out_of_fold(y, folds=args.folds, repeats=max_repeats, epochs=args.epochs, seed=seed)
-    results, started = {}, time.perf_counter()
+    epochs, started = [], time.perf_counter()
+    with small_matmuls():
+        assert engine.out_of_fold(batches, index, targets, args=args, feature_dim=features.shape[-1],
+                                  device=torch.device("cpu"), state=state,
+                                  every_epoch=lambda epoch, logits: epochs.append(logits))
+    seconds, scores, results = time.perf_counter() - started, np.stack(epochs, 1), {}
     for r in range(1, max_repeats + 1):
-        args.repeats = r
-        with small_matmuls():
-            assert engine.out_of_fold(batches, index, targets, args=args, feature_dim=features.shape[-1],
-                                      device=torch.device("cpu"), state=state)
-        done = engine.OutOfFold(folds=state.folds[:, :r], scores=state.scores[:r], done=state.done[:r * args.folds])
-        cv = engine.finish_out_of_fold(done, index, targets, attributes=[str(k) for k in range(y.shape[1])],
-                                       thresholds="0.5", loss_fn=engine.make_loss_for(args, targets),
-                                       rule=args.epoch_rule)
-        results[r] = (cv.probabilities, time.perf_counter() - started, cv.epochs)
+        cv = engine.finish_all_epochs(scores[:r], state.folds[:, :r], index, targets,
+                                      attributes=[str(k) for k in range(y.shape[1])], thresholds="0.5",
+                                      loss_fn=engine.make_loss_for(args, targets), rule=args.epoch_rule)
+        results[r] = (cv.probabilities, seconds, cv.epochs)
     return results
 
 
@@ -163,7 +166,8 @@ def main(argv=None):
     print(f"recall of the flipped cells among the top 2 x flips suspects, mean (per flip seed); {len(paths)} photos, "
           f"{args.rate:.0%} of the known cells flipped")
     print(table(["recipe", *SCORES, "oof mAP (clean)", "cv seconds"], rows, ["<"] + [">"] * (len(SCORES) + 2)))
-    print("cv seconds: the cross-validation's wall time (for run xR: all R repeats), features cached; oof mAP: the "
+    print("cv seconds: the cross-validation's wall time (for run xR: the one of the largest R, all its repeats side "
+          "by side), features cached; oof mAP: the "
           "out-of-fold probabilities against the labels before flipping.")
     print(f"total {time.perf_counter() - started:.0f}s")
     return 0

@@ -1,11 +1,12 @@
 """Large label sets: time and peak memory of each stage before the model, at iMaterialist (1M x 228) and
 DeepFashion (289k x 1,000) sizes, for the code as it is and, where cheap, as it was (commit BEFORE); and the
 formats read through pandas: a 1M x 228 csv and an Open Images-like long file (1M images, ~9 labels each, 600
-attributes: 9M rows).
+attributes: 9M rows); and after extraction, the cross-validation and the final head on synthetic cached features.
 
     python benchmarks/bench_scale.py                        # 10k..1M x 4, 228, 1,000 (minutes; 1M rows last)
     python benchmarks/bench_scale.py --sizes 10000x228 100000x228 --before   # also today's code at those sizes
     python benchmarks/bench_scale.py --sizes --no-figures --csv 1000000x228 --long 1000000x600x10   # the formats
+    python benchmarks/bench_scale.py --sizes --no-figures --csv --long --cv 100000x228   # after extraction
 
 Synthetic labels: K attributes with positive rates 0.5 / k^0.9 (floor 0.07%, iMaterialist's long tail), 10% NA,
 written once into --work (kept between runs), with a folder of hard links to one small JPEG for the end-to-end
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -229,6 +231,96 @@ def stage_figure(a, before):
     return {"seconds": time.time() - started, "cpu": time.process_time() - cpu}
 
 
+def cv_features(work, n, dim, seed=0):
+    """A (n, 2, dim) float32 file shaped like the feature cache's data file (view 0, its mirror), memory-mapped as
+    train.py maps the cache: random normal features, written once into work."""
+    path = os.path.join(work, f"features_{n}x2x{dim}.f32")
+    if not os.path.exists(path):
+        rng = np.random.default_rng(seed)
+        out = np.memmap(path + ".tmp", dtype=np.float32, mode="w+", shape=(n, 2, dim))
+        for s in range(0, n, 20_000):
+            out[s:s + 20_000] = rng.standard_normal((min(n - s, 20_000), 2, dim), dtype=np.float32)
+        out.flush()
+        del out
+        os.replace(path + ".tmp", path)
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(n, 2, dim))
+
+
+def stage_cross_validation(a, before):
+    """After extraction, on cached features: train.py's cross-validation (engine.out_of_fold, its defaults but
+    --epochs and --batch-size), the epoch rule, verdicts, calibration and thresholds (finish_out_of_fold), then the
+    final head on every row for the chosen epochs, as train.fit trains it. Targets follow one feature each (attribute
+    j: feature j of view 0 above its prevalence's quantile, with 10% noise), so there is something to learn."""
+    import torch
+
+    import engine
+    import train
+    from data_loader import FeatureBatches
+    from model import build_head, set_dropout_generator
+    from utils import keep_freed_memory, small_matmuls
+
+    import metrics
+
+    keep_freed_memory(torch.device("cpu"))
+    metrics.RESAMPLES = a.cv_resamples  # judge's bootstrap of AP - prevalence: O(resamples x rows x attributes)
+    dim, n, k = a.dim, a.n, a.k
+    features = cv_features(a.work, n, dim)
+    y = synthetic_targets(n, k)
+    # Attribute j is positive where feature j (a standard normal) is above its (1 - rate) quantile, rate its share
+    # of positives in synthetic_targets; 10% of those cells flipped; NA kept. In blocks of rows, as the rest.
+    rate = np.clip(((y == 1).sum(0) / np.maximum((y >= 0).sum(0), 1)), 1e-4, 0.5)
+    cut = np.array([statistics.NormalDist().inv_cdf(1 - r) for r in rate], dtype=np.float32)
+    columns, rng = np.arange(k) % dim, np.random.default_rng(4)
+    for s in range(0, n, 20_000):
+        block = y[s:s + 20_000]
+        positive = (np.asarray(features[s:s + 20_000, 0])[:, columns] > cut) ^ (rng.random(block.shape) < 0.1 * rate)
+        block[:] = np.where(block >= 0, positive, -1)
+    targets = torch.from_numpy(y)
+    args = train.parse_args(["--epochs", str(a.cv_epochs), "--batch-size", str(a.cv_batch)])
+    index = rows = np.arange(n)
+
+    def batches(idx, shuffle, seed):
+        return FeatureBatches(features, rows, idx, targets, batch_size=args.batch_size, shuffle=shuffle, seed=seed,
+                              both_views=args.tta and not shuffle)
+
+    peaks, times, started = {}, {}, time.time()
+
+    def mark(name):
+        times[name] = time.time() - sum(times.values()) - started
+        peaks[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+    state = engine.start_out_of_fold(y, folds=args.folds, repeats=args.repeats, epochs=args.epochs, seed=0)
+    with small_matmuls():
+        assert engine.out_of_fold(batches, index, targets, args=args, feature_dim=dim, device=torch.device("cpu"),
+                                  state=state)
+        mark("cv")
+        held = sum(t.numel() * t.element_size() for t in state.arrays()) / 1e9
+        cv = engine.finish_out_of_fold(state, index, targets, attributes=[f"Attr{j + 1}" for j in range(k)],
+                                       thresholds=args.thresholds, rule=args.epoch_rule)
+        del state
+        mark("judge")
+        torch.manual_seed(args.seed)
+        head = build_head(args.head, dim, k, hidden=args.hidden, dropout=args.dropout)
+        set_dropout_generator(head, torch.Generator().manual_seed(args.seed))
+        train_batches = batches(index, True, args.seed)
+        optimizer = engine.make_optimizer(head, args)
+        lr_at = engine.schedule(args, steps_per_epoch=len(train_batches), epochs=cv.epochs)
+        loss_fn = engine.make_loss_for(args, targets)
+        head.train()
+        for epoch in range(cv.epochs):
+            train_batches.set_epoch(epoch)
+            engine.train_one_epoch(head, train_batches, loss_fn=loss_fn, optimizer=optimizer, lr_at=lr_at,
+                                   first_step=epoch * len(train_batches), device=torch.device("cpu"), label=None)
+        mark("final")
+    heads = args.repeats * args.folds
+    return {"seconds": time.time() - started, "cpu": time.process_time(),
+            "note": f"cv {heads} heads x {args.epochs} epochs (batch {args.batch_size}) {times['cv']:.0f} s, peak "
+                    f"{peaks['cv']:.2f} GB, its state {held:.2f} GB; rule + verdicts {times['judge']:.0f} s, "
+                    f"{peaks['judge']:.2f} GB ({a.cv_resamples} resamples); final head {cv.epochs} epochs "
+                    f"{times['final']:.0f} s; "
+                    f"features {features.nbytes / 1e9:.2f} GB (D {dim}); mAP {cv.history[cv.epochs - 1]['map']:.3f}"}
+
+
 def stage_import(a, before):
     import train  # noqa: F401
     return {"seconds": time.time() - STARTED, "cpu": time.process_time()}
@@ -236,7 +328,8 @@ def stage_import(a, before):
 
 STAGES = {"import train": stage_import, "start to first image": stage_start_to_first_image, "parse": stage_parse,
           "split": stage_split,
-          "per-epoch metrics": stage_metrics, "metrics.png": stage_figure}
+          "per-epoch metrics": stage_metrics, "metrics.png": stage_figure,
+          "cross-validation + final head": stage_cross_validation}
 
 
 def child(a):
@@ -247,7 +340,9 @@ def child(a):
 
 def run_stage(a, stage, n, k, before=False, labels="", images=""):
     command = [sys.executable, os.path.abspath(__file__), "--child", "--stage", stage, "--n", str(n), "--k", str(k),
-               "--work", a.work, "--labels", labels, "--images", images] + (["--before"] if before else [])
+               "--work", a.work, "--labels", labels, "--images", images, "--dim", str(a.dim),
+               "--cv-epochs", str(a.cv_epochs), "--cv-batch", str(a.cv_batch), "--cv-resamples", str(a.cv_resamples)]
+    command += ["--before"] if before else []
     done = subprocess.run(command, capture_output=True, text=True, timeout=a.timeout)
     if done.returncode:
         return {"seconds": None, "peak_gb": None, "note": done.stderr.strip().splitlines()[-1][:80]}
@@ -272,6 +367,13 @@ def main():
                         "parse; none: skip")
     p.add_argument("--format-stages", nargs="+", default=["parse"],
                    help="of the label stages, those run on the --csv and --long files")
+    p.add_argument("--cv", nargs="*", default=["100000x228"], metavar="NxK",
+                   help="the cross-validation and the final head on synthetic cached features; none: skip")
+    p.add_argument("--dim", type=int, default=1280, help="--cv: the features' width (1280: efficientnet_lite0's)")
+    p.add_argument("--cv-epochs", type=int, default=2, help="--cv: train.py's --epochs (its default is 30)")
+    p.add_argument("--cv-batch", type=int, default=256, help="--cv: train.py's --batch-size (its default is 32)")
+    p.add_argument("--cv-resamples", type=int, default=1000,
+                   help="--cv: the verdicts' bootstrap resamples (metrics.RESAMPLES, 1000; the time is linear in them)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -322,6 +424,9 @@ def main():
             pairs = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b"")) - 1
         for stage in a.format_stages:
             add(stage, n, k, labels, images, label=f"{stage} (long, {pairs:,} rows)")
+    for size in a.cv:
+        n, k = map(int, size.split("x"))
+        add("cross-validation + final head", n, k)
     if not a.no_figures:
         add("per-epoch metrics", 200_000, 228)
         add("metrics.png", 200_000, 228)

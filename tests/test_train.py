@@ -178,10 +178,10 @@ def straight_cv(tmp_path_factory, lite0_cache):
 @pytest.mark.parametrize("moment", ["cross-validation", "first epoch of the final head", "final head"])
 def test_resume_of_a_cross_validated_run_matches_an_uninterrupted_run(moment, straight_cv, lite0_cache, tmp_path,
                                                                       monkeypatch, capsys):
-    """Ctrl-C (a real SIGINT) during the second repeat's heads, in the final head's first epoch, or after its
-    second epoch; then --resume: model.pth and model_last.pth equal the uninterrupted run's (1e-6), and the heads
-    done before the Ctrl-C are not trained again."""
-    trigger = {"cross-validation": "repeat 1/2:", "first epoch of the final head": "cross-validation (",
+    """Ctrl-C (a real SIGINT) in the cross-validation's third epoch, in the final head's first epoch, or after its
+    second epoch; then --resume: model.pth and model_last.pth equal the uninterrupted run's (1e-6), and the epochs
+    the heads finished before the Ctrl-C are not trained again."""
+    trigger = {"cross-validation": "cross-validation epoch   2/", "first epoch of the final head": "cross-validation (",
                "final head": "epoch   2/"}[moment]
 
     def log_then_ctrl_c(message=""):
@@ -196,11 +196,27 @@ def test_resume_of_a_cross_validated_run_matches_an_uninterrupted_run(moment, st
         assert train.main(cv_args(stopped, lite0_cache)) == 130
     out = capsys.readouterr().out
     assert f"continue with --resume {stopped / 'model_last.pth'}" in out
+    if moment == "cross-validation":
+        # The heads after epoch 2 (weights, optimizers, generators) and the weights of the epochs the rule may
+        # choose, not (epochs x rows) scores: its one array of a row each is the folds.
+        progress = engine.OutOfFold.from_checkpoint(
+            torch.load(stopped / "model_last.pth", weights_only=True)["cv_progress"])
+        rows = len(progress.folds)
+        assert progress.epoch == 2 and len(progress.history) == 2 and progress.heads
+        assert [tuple(t.shape) for t in progress.arrays() if rows in t.shape] == [(rows, 2)]
+        # One stopped by the train.py before (every epoch's scores, the heads done) is refused in one line.
+        old = torch.load(stopped / "model_last.pth", weights_only=True)
+        old["cv_progress"] = {"folds": old["cv_progress"]["folds"], "scores": torch.zeros(2, 6, rows, 4),
+                              "done": torch.zeros(4, dtype=torch.bool), "seconds": 1.0}
+        torch.save(old, tmp_path / "old_last.pth")
+        capsys.readouterr()
+        assert train.main(["--resume", str(tmp_path / "old_last.pth"), "--num-workers", "0"]) == 2
+        assert "saved by an older train.py" in capsys.readouterr().err
     assert train.main(["--resume", str(stopped / "model_last.pth"), "--num-workers", "0"]) == 0
     resumed_out = capsys.readouterr().out
     if moment == "cross-validation":
-        assert "cross-validation after 2 heads" in resumed_out
-        assert "repeat 1/2:" not in resumed_out and "repeat 2/2:" in resumed_out
+        assert "cross-validation after 2 epochs" in resumed_out
+        assert "cross-validation epoch   2/" not in resumed_out and "cross-validation epoch   3/" in resumed_out
     else:
         assert "repeat " not in resumed_out  # the cross-validation's result came from the checkpoint
     for name in ("model.pth", "model_last.pth"):
