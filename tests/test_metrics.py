@@ -312,3 +312,39 @@ def test_the_bootstrap_interval_of_a_perfect_ranking_is_its_lift_exactly():
     positive = scores >= 7  # the top 3: AP 1 whatever is resampled, prevalence varies
     low, high = ap_lift_interval(scores, positive, resamples=500)
     assert 0 < low <= 0.7 <= high < 1
+
+
+@pytest.mark.parametrize("n, ties", [(12, False), (300, False), (300, True), (5000, True)])
+def test_the_rank_p_value_is_scipys_mann_whitney(n, ties):
+    from scipy.stats import mannwhitneyu
+
+    from metrics import rank_p_value
+
+    rng = np.random.default_rng(n)
+    scores = rng.random(n)
+    if ties:
+        scores = np.round(scores * 20) / 20
+    positive = rng.random(n) < 0.3
+    positive[:2], positive[2:4] = True, False
+    scores = scores + 0.1 * positive
+    expected = mannwhitneyu(scores[positive], scores[~positive], alternative="greater")
+    auc, p = rank_p_value(scores, positive)
+    assert auc * positive.sum() * (~positive).sum() == pytest.approx(expected.statistic)
+    assert p == pytest.approx(expected.pvalue, rel=1e-6, abs=1e-300)
+
+
+def test_the_bootstrap_of_a_large_set_is_the_rescaled_interval_of_a_subsample():
+    """Past BOOTSTRAP_ROWS rows the interval comes from a subsample, scaled by sqrt(m / n): on 4 x BOOTSTRAP_ROWS
+    rows about half as wide as on BOOTSTRAP_ROWS rows, and around the lift of every row."""
+    import metrics
+
+    rng = np.random.default_rng(0)
+    n = 4 * metrics.BOOTSTRAP_ROWS
+    positive = rng.random(n) < 0.2
+    scores = rng.random(n) + 0.3 * positive
+    lift = metrics.average_precision(scores, positive) - positive.mean()
+    low, high = metrics.ap_lift_interval(scores, positive, resamples=200)
+    small_low, small_high = metrics.ap_lift_interval(scores[:metrics.BOOTSTRAP_ROWS],
+                                                     positive[:metrics.BOOTSTRAP_ROWS], resamples=200)
+    assert low < lift < high
+    assert (high - low) == pytest.approx((small_high - small_low) / 2, rel=0.35)
