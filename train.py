@@ -651,7 +651,7 @@ def not_learnt_advice(found):
             "  - check the labelling: report.html shows the given positives beside the given negatives of each; "
             "labels that do not follow the images cannot be learnt",
             "  - more labelled images: on realdev, 150 -> 600 rows raised the out-of-fold AP of every attribute, "
-            "its hardest from 0.51 to 0.79 (benchmarks/bench_verdict.py)",
+            "its hardest from 0.51 to 0.78 (benchmarks/bench_verdict.py)",
             "  - a larger input: EfficientNet-Lite0 at 288 px instead of 224 raised realdev test mAP by 0.010 "
             "(--image-size)"]
 
