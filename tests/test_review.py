@@ -643,3 +643,25 @@ def parse_labels_text(text, folder):
     with open(path, "w") as f:
         f.write(text)
     return parse_labels(path)
+
+
+def test_an_attribute_not_learnt_is_left_out_of_the_queue_and_the_page_says_why(browser, tmp_path):
+    path, data = make_data(str(tmp_path))
+    data["verdicts"][3] = {"attribute": "Attr4", "learnt": False, "p_adjusted": 0.62}
+    data["score"] = [[None if k == 3 else v for k, v in enumerate(row)] for row in data["score"]]
+    with open(path, "w") as f:
+        json.dump(data, f)
+    server = Server(str(tmp_path), "--labels", data["labels"], data=path)
+    try:
+        state = server.get("/api/state").json()
+        assert state["queue"] == len(data["names"]) * 3 and state["not_learnt"] == ["Attr4"]
+        items = server.get("/api/queue", limit=100).json()["items"]
+        assert len(items) == len(data["names"]) * 3 and "Attr4" not in {it["attribute"] for it in items}
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_selector("#not-learnt:not([hidden])")
+        said = page.locator("#not-learnt").inner_text()
+        assert said.startswith("Not in the queue: Attr4 (p 0.62).") and "did not learn" in said
+        page.close()
+    finally:
+        assert server.stop() == 0, server.log()
