@@ -185,6 +185,18 @@ class Queue:
         pending = np.flatnonzero(~np.isin(head, decided))
         return int(pending[0]) if len(pending) else None
 
+    def page(self, ledger, *, attribute="", kind="", offset=0, limit):
+        """What GET /api/queue lists: limit items of the (attribute, kind) list from offset, its length and its first
+        undecided offset."""
+        selected = self.select(attribute, kind)
+        cells = selected.cells(offset, offset + limit)
+        positions = selected.positions(offset, cells)
+        with ledger.lock:
+            ledger.refresh()
+            first_pending = self.first_pending(selected, ledger)
+            items = [self.item(c, p, ledger) for c, p in zip(cells.tolist(), positions.tolist())]
+        return {"total": len(selected), "first_pending": first_pending, "items": items}
+
     def progress(self, ledger):
         """Cells reviewed (a decision holds), changed (a known cell given another value), NA filled, kept."""
         counts = Counter(reviewed=0, changed=0, na_filled=0, kept=0)
@@ -595,12 +607,13 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
             ledger.refresh()
             progress = queue.progress(ledger)
         changed = watch.check()
-        left = data.not_audited()
+        left, missed = data.not_audited(), [v["attribute"] for v in data.verdicts if not v["learnt"]]
+        one = len(missed) == 1
         return {"labels": os.path.basename(data.labels), "attributes": queue.attributes, "source": data.source,
-                "not_learnt": [v["attribute"] for v in data.verdicts if not v["learnt"]],
-                "not_learnt_message": (f"Not in the queue: {left}. The model did not learn them (no better than "
-                                       "chance on images it never saw), so it has nothing to suggest; their labels "
-                                       "stay as given.") if left else None,
+                "not_learnt": missed,
+                "not_learnt_message": (f"Not in the queue: {left}. The model did not learn {'it' if one else 'them'} "
+                                       "(no better than chance on images it never saw), so it has nothing to "
+                                       f"suggest; {'its' if one else 'their'} labels stay as given.") if left else None,
                 "queue": len(queue), "known": queue.counts["known"], "na": queue.counts["na"],
                 "reviewer": args.reviewer, "gradcam": cams.missing is None, "gradcam_missing": cams.missing,
                 "last_id": ledger.last_id, **progress, "labels_changed": changed,
@@ -613,15 +626,8 @@ def create_app(args, queue, ledger, cams, *, hosts=None):
         return await run_in_threadpool(state)
 
     def listing(attribute, kind, offset, limit):
-        selected = queue.select(attribute, kind)
-        cells = selected.cells(offset, offset + limit)
-        positions = selected.positions(offset, cells)
-        with ledger.lock:
-            ledger.refresh()
-            first_pending = queue.first_pending(selected, ledger)
-            items = [queue.item(c, p, ledger) for c, p in zip(cells.tolist(), positions.tolist())]
-        return {"total": len(selected), "offset": offset, "limit": limit, "attribute": attribute, "kind": kind,
-                "first_pending": first_pending, "items": items}
+        page = queue.page(ledger, attribute=attribute, kind=kind, offset=offset, limit=limit)
+        return {"offset": offset, "limit": limit, "attribute": attribute, "kind": kind, **page}
 
     def number(params, name, default, low, high):
         text = params.get(name) or str(default)

@@ -107,15 +107,8 @@ def synthetic(n, k, seed):
 
 
 def listing(queue, ledger, attribute="", kind="", offset=0, limit=PAGE):
-    """What GET /api/queue answers (review.create_app's listing), through the same Queue calls."""
-    selected = queue.select(attribute, kind)
-    cells = selected.cells(offset, offset + limit)
-    positions = selected.positions(offset, cells)
-    with ledger.lock:
-        ledger.refresh()
-        first_pending = queue.first_pending(selected, ledger)
-        items = [queue.item(c, p, ledger) for c, p in zip(cells.tolist(), positions.tolist())]
-    return {"total": len(selected), "first_pending": first_pending, "items": items}
+    """What GET /api/queue answers: review.Queue.page, which its route calls."""
+    return queue.page(ledger, attribute=attribute, kind=kind, offset=offset, limit=limit)
 
 
 def server_first_page(folder, data):
